@@ -1,0 +1,3 @@
+"""gensuite: classic generative model families as reproducible batch jobs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from gensuite.cli import main
+
+sys.exit(main())

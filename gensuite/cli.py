@@ -1,0 +1,120 @@
+"""``gensuite validate | train | summary``: thin commands over the config loader and the trainer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from gensuite.errors import GensuiteError, TrainingDiverged
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a job field, e.g. --set train.steps=100 (repeatable)")
+
+
+def cmd_validate(args) -> int:
+    from gensuite.config import load_job
+    from gensuite.data.shards import read_manifest
+
+    for path in args.jobs:
+        job = load_job(path, args.overrides)
+        if args.data:
+            read_manifest(Path(job.data.root) / job.data.dataset)
+        print(f"ok  {path}  ({job.family}/{job.flavor} on {job.data.dataset})")
+    return 0
+
+
+def default_run_dir(job) -> Path:
+    return Path("runs") / job.name
+
+
+def cmd_train(args) -> int:
+    from gensuite.config import load_job
+    from gensuite.trainer import train
+
+    job = load_job(args.job, args.overrides)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(job)
+    train(job, run_dir)
+    return 0
+
+
+def cmd_summary(args) -> int:
+    import torch
+
+    from gensuite.config import load_job
+    from gensuite.data.shards import data_spec, read_manifest, static_data_spec
+    from gensuite.registry import get_family
+
+    job = load_job(args.job, args.overrides)
+    shard_dir = Path(job.data.root) / job.data.dataset
+    try:
+        spec = data_spec(read_manifest(shard_dir))
+    except GensuiteError:  # no shards yet: the dataset's static facts are enough to build networks
+        spec = static_data_spec(job.data.dataset)
+    family = get_family(job.family)(job.model, spec)
+    torch.manual_seed(job.train.seed)
+    nets = family.build_networks()
+    report = {
+        name: {
+            "parameters": sum(p.numel() for p in net.parameters()),
+            "trainable": sum(p.numel() for p in net.parameters() if p.requires_grad),
+            "architecture": str(net),
+        }
+        for name, net in nets.items()
+    }
+    if args.json:
+        print(json.dumps({"job": job.name, "family": job.family, "flavor": job.flavor,
+                          "data_shape": list(spec.shape), "networks": report}, indent=2))
+        return 0
+    print(f"{job.name}: {job.family}/{job.flavor}, data {spec.dataset} {tuple(spec.shape)}")
+    for name, info in report.items():
+        print(f"\n== {name}: {info['parameters']:,} parameters ({info['trainable']:,} trainable)")
+        print(info["architecture"])
+    print(f"\ntotal: {sum(i['parameters'] for i in report.values()):,} parameters")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gensuite", description="Train generative models as batch jobs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check job files without running them")
+    p.add_argument("jobs", nargs="+", metavar="JOB")
+    p.add_argument("--data", action="store_true", help="also require each job's shard set to exist")
+    _job_args(p)
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("train", help="train (or resume) a job")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--run-dir", help="where checkpoints, samples and TensorBoard logs go (default runs/<job name>)")
+    _job_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("summary", help="print each network's architecture and parameter count")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--json", action="store_true")
+    _job_args(p)
+    p.set_defaults(func=cmd_summary)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GensuiteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except TrainingDiverged as e:
+        print(f"error: training diverged: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""Job YAML -> typed, validated dataclasses.
+
+Every error is a ``ConfigError`` naming the full key path (``train.steps``) and, for unknown keys,
+the closest valid one. Sections ``launch``, ``sweep`` and ``eval`` are kept as plain mappings here;
+their own modules validate them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from gensuite.errors import ConfigError
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"  # shard set: <root>/<dataset>/manifest.json
+    root: str = "shards"  # folder holding shard sets; relative paths are taken from the cwd
+    workers: int = 0  # DataLoader worker processes per rank
+    shuffle_buffer: int = 1000  # samples held by the shuffle buffer
+    reference_split: str = "test"  # fixed held-out batch shown next to samples (reconstructions)
+
+    def __post_init__(self):
+        _check(self.workers >= 0, "data.workers", "must be >= 0")
+        _check(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+
+
+@dataclass
+class OptimizerSpec:
+    name: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd / rmsprop
+    eps: float = 1e-8
+    schedule: Literal["constant", "cosine", "linear"] = "constant"  # decay after warmup, to 0 at the end
+    warmup_steps: int = 0
+    grad_clip: Optional[float] = None  # max global grad norm; None logs the norm without clipping
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr", "must be > 0")
+        _check(all(0 <= b < 1 for b in self.betas), "optim.betas", "each beta must be in [0, 1)")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", "must be > 0 or null")
+
+
+@dataclass
+class OptimConfig(OptimizerSpec):
+    # Per-player overrides of the fields above, e.g. {D: {lr: 4.0e-4}} for a two-time-scale GAN.
+    players: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def for_player(self, player: str) -> OptimizerSpec:
+        base = {f.name: getattr(self, f.name) for f in dataclasses.fields(OptimizerSpec)}
+        base.update(self.players.get(player, {}))
+        return from_dict(OptimizerSpec, base, f"optim.players.{player}")
+
+
+@dataclass
+class EmaConfig:
+    networks: list[str] = field(default_factory=list)  # e.g. [G]; sampled from in grids
+    decay: float = 0.999
+
+    def __post_init__(self):
+        _check(0 < self.decay < 1, "train.ema.decay", "must be in (0, 1)")
+
+
+@dataclass
+class TrainConfig:
+    steps: Optional[int] = None  # training iterations (one step of every player); or give epochs
+    epochs: Optional[float] = None
+    batch_size: int = 64  # global batch size, split across ranks
+    micro_batch_size: Optional[int] = None  # per-rank forward size; smaller -> gradient accumulation
+    seed: int = 0
+    precision: Literal["no", "fp16", "bf16"] = "no"
+    resume: str = "auto"  # auto | never | PATH to a checkpoint file
+    log_every: int = 10
+    sample_every: int = 200
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    ema: EmaConfig = field(default_factory=EmaConfig)
+
+    def __post_init__(self):
+        _check((self.steps is None) != (self.epochs is None), "train.steps",
+               "give exactly one of train.steps or train.epochs")
+        _check(self.steps is None or self.steps >= 1, "train.steps", "must be >= 1")
+        _check(self.epochs is None or self.epochs > 0, "train.epochs", "must be > 0")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+        for key in ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
+            _check(getattr(self, key) >= 1, f"train.{key}", "must be >= 1")
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+    grid_size: int = 64  # samples in each grid
+    progress_bar: bool = True
+    save_png: bool = True  # also write grids to <run>/samples/
+
+    def __post_init__(self):
+        _check(self.grid_size >= 1, "log.grid_size", "must be >= 1")
+
+
+@dataclass
+class JobConfig:
+    family: str
+    flavor: str
+    model: Any  # the family's config_class
+    name: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000))
+    log: LogConfig = field(default_factory=LogConfig)
+    launch: dict[str, Any] = field(default_factory=dict)
+    sweep: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def _check(ok: bool, path: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(path, message)
+
+
+def load_job(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    """Read a job file, apply ``key=value`` overrides, and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"{path}: no such job file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError("", f"{path}:{where}: YAML syntax error: {problem}") from None
+    if raw is None:
+        raise ConfigError("", f"{path}: empty job file; it needs at least `family:` and `flavor:`")
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"{path}: a job file must be a mapping of sections, got {type(raw).__name__}")
+    raw.setdefault("name", path.stem)
+    for item in overrides:
+        apply_override(raw, item)
+    return job_from_dict(raw)
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """``train.steps=100`` -> raw["train"]["steps"] = 100 (the value is parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError("--set", f"{item!r}: expected key=value, e.g. train.steps=100")
+    key, _, value = item.partition("=")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(key, "cannot set a sub-key of a non-mapping value")
+    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+
+
+def job_from_dict(raw: dict) -> JobConfig:
+    from gensuite.registry import families
+
+    raw = dict(raw)
+    known = families()
+    family = raw.get("family")
+    if family is None:
+        raise ConfigError("family", f"missing; choose one of {', '.join(sorted(known))}")
+    if family not in known:
+        raise ConfigError("family", f"unknown family {family!r}{_did_you_mean(str(family), known)}; "
+                                    f"choose one of {', '.join(sorted(known))}")
+    cls = known[family]
+    flavor = raw.get("flavor")
+    if flavor not in cls.flavors:
+        what = "missing" if flavor is None else f"unknown flavor {flavor!r} for family {family}"
+        raise ConfigError("flavor", f"{what}{_did_you_mean(str(flavor), cls.flavors)}; "
+                                    f"choose one of {', '.join(cls.flavors)}")
+    model = dict(cls.flavors[flavor])
+    model_raw = raw.get("model") or {}
+    if not isinstance(model_raw, dict):
+        raise ConfigError("model", f"expected a mapping, got {type(model_raw).__name__}")
+    model.update(model_raw)
+    raw["model"] = model
+    hints = typing.get_type_hints(JobConfig)
+    hints["model"] = cls.config_class
+    return _build_dataclass(JobConfig, raw, "", hints)
+
+
+def from_dict(cls: type, raw: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from a mapping, checking keys and types (errors name ``path``)."""
+    return _convert(cls, raw, path)
+
+
+def _did_you_mean(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _build_dataclass(cls: type, raw: Any, path: str, hints: dict | None = None) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(path, f"expected a mapping, got {_describe(raw)}")
+    hints = hints or typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in raw:
+        if key not in fields:
+            full = _join(path, str(key))
+            hint = _did_you_mean(str(key), fields)
+            if hint:
+                hint = hint.replace("did you mean ", f"did you mean {_join(path, '')}")
+            raise ConfigError(full, f"unknown key{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in raw:
+            kwargs[name] = _convert(hints[name], raw[name], _join(path, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(_join(path, name), "missing required key")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(path, str(e)) from None
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build_dataclass(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError("", errors[0]) if len(errors) == 1 else ConfigError(path, f"invalid value {value!r}")
+    if origin is Literal:
+        # YAML 1.1 reads a bare `no` as False; `precision: no` should mean "no".
+        if value is False and "no" in args:
+            value = "no"
+        if value not in args:
+            raise ConfigError(path, f"invalid value {value!r}{_did_you_mean(str(value), [str(a) for a in args])}; "
+                                    f"choose one of {', '.join(map(str, args))}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(path, f"expected an integer, got {_describe(value)}")
+        return value
+    if tp is float:
+        # PyYAML reads 2e-4 (no dot) as a string; accept any string that parses as a number.
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(path, f"expected a number, got {_describe(value)}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"expected a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise ConfigError(path, f"expected a finite number, got {value}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected a string, got {_describe(value)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, f"expected a list, got {_describe(value)}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(path, f"expected {len(args)} values, got {len(value)}")
+            return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        inner = args[0] if args else Any
+        items = [_convert(inner, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"expected a mapping, got {_describe(value)}")
+        kt, vt = args or (Any, Any)
+        return {_convert(kt, k, path): _convert(vt, v, _join(path, str(k))) for k, v in value.items()}
+    raise TypeError(f"unsupported config type {tp!r} at {path}")
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclasses -> plain YAML/JSON-friendly data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def dump_yaml(job: JobConfig) -> str:
+    return yaml.safe_dump(job.to_dict(), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Dataset readers, the shard writer and the WebDataset training pipeline."""

@@ -1,0 +1,136 @@
+"""WebDataset shards -> an endless, deterministic stream of per-rank micro-batches.
+
+Guarantees the training loop relies on:
+- every rank yields the same number of batches per epoch, however uneven the shards (uneven
+  streams hang DDP): a rank cycles through its own shards until its epoch quota is met;
+- the stream is a pure function of (seed, epoch, rank, start position), independent of the number
+  of DataLoader workers, so a resumed run sees exactly the batches a straight run would.
+
+Splitting: shards are split by node (rank) after a per-epoch shuffle; within a rank, DataLoader
+workers split the rank's sequence batch by batch (worker w decodes batches w, w+W, ...). Splitting
+shards by worker instead would make the order depend on the worker count and break exact resume.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+
+from gensuite.data.shards import read_manifest
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: str
+    samples: int
+
+
+def split_shards(manifest: dict, shard_dir: str | Path, split: str) -> list[ShardInfo]:
+    entries = manifest["splits"][split]["shards"]
+    return [ShardInfo(str(Path(shard_dir) / e["file"]), int(e["samples"])) for e in entries]
+
+
+def _rng(*parts) -> random.Random:
+    return random.Random("-".join(map(str, parts)))  # str seeds hash with sha512: stable everywhere
+
+
+def decode_sample(sample: dict, kind: str, channels: int) -> dict:
+    out = {"y": int(sample["cls"])} if "cls" in sample else {}
+    if kind == "image":
+        mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+        out["x"] = decode_image(torch.frombuffer(bytearray(sample["png"]), dtype=torch.uint8), mode=mode)
+    else:
+        out["x"] = torch.from_numpy(np.load(io.BytesIO(sample["npy"])))
+    for key, value in sample.items():  # extra fields, e.g. text embeddings stored as <name>.npy
+        if key.endswith(".npy"):
+            out[key[:-4]] = torch.from_numpy(np.load(io.BytesIO(value)))
+    return out
+
+
+def collate(samples: list[dict]) -> dict:
+    batch = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.tensor(values)
+    if batch["x"].dtype == torch.uint8:
+        batch["x"] = batch["x"].float().div_(255.0)
+    return batch
+
+
+class ShardStream(IterableDataset):
+    """Micro-batches for one rank, from position ``start_batch`` on, forever."""
+
+    def __init__(self, shards: list[ShardInfo], kind: str, channels: int, batch_size: int,
+                 batches_per_epoch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle_buffer: int = 1000, start_batch: int = 0):
+        super().__init__()
+        self.shards, self.kind, self.channels = shards, kind, channels
+        self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle_buffer, self.start_batch = shuffle_buffer, start_batch
+
+    def rank_shards(self, epoch: int) -> list[ShardInfo]:
+        """This rank's shards for an epoch: a seeded shuffle shared by all ranks, then split by node."""
+        order = list(self.shards)
+        _rng(self.seed, "shards", epoch).shuffle(order)
+        mine = order[self.rank::self.world_size]
+        # Fewer shards than ranks: share one rather than leave a rank without data.
+        return mine or [order[self.rank % len(order)]]
+
+    def raw_epoch(self, epoch: int) -> Iterator[dict]:
+        """Undecoded samples of one epoch for this rank: its shards in a shuffled order through a
+        shuffle buffer, cycled (buffer flushed each cycle, so every sample comes before any repeat)."""
+        shards = self.rank_shards(epoch)
+
+        def cycles():
+            for cycle in itertools.count():
+                order = list(shards)
+                _rng(self.seed, "cycle", epoch, self.rank, cycle).shuffle(order)
+                samples = wds.tarfile_to_samples()(iter([{"url": s.path} for s in order]))
+                rng = _rng(self.seed, "buffer", epoch, self.rank, cycle)
+                yield from wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+
+        return itertools.islice(cycles(), self.batches_per_epoch * self.batch_size)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch, offset = divmod(self.start_batch, self.batches_per_epoch)
+        index = self.start_batch
+        while True:
+            raw = self.raw_epoch(epoch)
+            # Skipping before decoding makes resuming mid-epoch cheap.
+            raw = itertools.islice(raw, offset * self.batch_size, None)
+            while True:
+                chunk = list(itertools.islice(raw, self.batch_size))
+                if not chunk:
+                    break
+                if (index - self.start_batch) % workers == worker:
+                    yield collate([decode_sample(s, self.kind, self.channels) for s in chunk])
+                index += 1
+            epoch, offset = epoch + 1, 0
+
+
+def make_loader(stream: ShardStream, workers: int) -> DataLoader:
+    # Own generator: creating the iterator must not draw from the global torch RNG (exact resume).
+    return DataLoader(stream, batch_size=None, num_workers=workers, generator=torch.Generator(),
+                      persistent_workers=False, prefetch_factor=4 if workers else None)
+
+
+def read_split(shard_dir: str | Path, split: str, limit: int) -> dict:
+    """The first ``limit`` samples of a split in stored order, as one batch (reference images)."""
+    manifest = read_manifest(shard_dir)
+    shape = manifest["shape"]
+    shards = [{"url": s.path} for s in split_shards(manifest, shard_dir, split)]
+    raw = itertools.islice(wds.tarfile_to_samples()(iter(shards)), limit)
+    return collate([decode_sample(s, manifest["kind"], shape[0]) for s in raw])

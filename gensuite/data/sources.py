@@ -1,0 +1,181 @@
+"""Readers of the original dataset formats, and each dataset's static facts.
+
+Every reader yields ``(split, sample, label)`` in a fixed order: ``sample`` is a uint8 (H, W, C)
+array for images or a float32 (D,) array for points. Nothing is downloaded, ever.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from gensuite.errors import GensuiteError
+
+Record = tuple[str, np.ndarray, int]
+
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    kind: str  # "image" or "points"
+    shape: tuple[int, ...]  # native (C, H, W) or (D,)
+    class_names: tuple[str, ...]
+    params: dict[str, Any] = field(default_factory=dict)  # build options and their defaults
+    shard_size: int = 10000
+    needs_src: bool = False
+    src_hint: str = ""
+
+    def shape_for(self, params: dict[str, Any]) -> tuple[int, ...]:
+        size = params.get("size")
+        if self.kind == "image" and size:
+            return (self.shape[0], size, size)
+        return self.shape
+
+
+def resize(image: np.ndarray, size: int | None) -> np.ndarray:
+    """(H, W, C) uint8 -> (size, size, C) with an antialiased bicubic filter (PIL)."""
+    if not size or image.shape[0] == size:
+        return image
+    from PIL import Image
+
+    mode = "L" if image.shape[2] == 1 else "RGB"
+    pil = Image.fromarray(image[:, :, 0] if mode == "L" else image, mode)
+    out = np.asarray(pil.resize((size, size), Image.Resampling.BICUBIC))
+    return out.reshape(size, size, image.shape[2])
+
+
+# -- embedded datasets (scikit-learn) -----------------------------------------------------------
+
+
+def read_digits(src: str | None, size: int = 32) -> Iterator[Record]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(0).permutation(len(digits.target))
+    test = set(order[-297:].tolist())
+    for split in ("train", "test"):
+        for i in order:
+            if (i in test) != (split == "test"):
+                continue
+            # sklearn's digits are 8x8 with 17 grey levels (0..16).
+            image = np.round(digits.images[i] * (255 / 16)).astype(np.uint8)[:, :, None]
+            yield split, resize(image, size), int(digits.target[i])
+
+
+def read_moons(src: str | None, n: int = 10000, noise: float = 0.05, seed: int = 0) -> Iterator[Record]:
+    from sklearn.datasets import make_moons
+
+    for split, count, state in (("train", n, seed), ("test", max(1, n // 5), seed + 1)):
+        points, labels = make_moons(n_samples=count, noise=noise, random_state=state)
+        for p, y in zip(points.astype(np.float32), labels):
+            yield split, p, int(y)
+
+
+# -- MNIST / Fashion-MNIST (IDX) --------------------------------------------------------------
+
+
+def _idx_file(src: Path, stem: str) -> Path:
+    for candidate in (src / stem, src / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise GensuiteError(f"{src / stem}(.gz): not found; put the dataset's four IDX files in {src}")
+
+
+def read_idx(path: Path, kind: str) -> np.ndarray:
+    """One IDX file through torchvision's reader (it checks the magic number and dimensions)."""
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    reader = read_image_file if kind == "images" else read_label_file
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f, tempfile.NamedTemporaryFile(suffix=".idx") as tmp:
+                shutil.copyfileobj(f, tmp)
+                tmp.flush()
+                return reader(tmp.name).numpy()
+        return reader(str(path)).numpy()
+    except (AssertionError, KeyError, RuntimeError, ValueError, OSError, EOFError) as e:
+        raise GensuiteError(f"{path}: not an IDX {kind[:-1]} file ({type(e).__name__}: "
+                            f"{str(e) or 'bad magic number or dimensions'})") from None
+
+
+def read_mnist_like(src: str | None, size: int | None = None) -> Iterator[Record]:
+    if not src:
+        raise GensuiteError("--src: give the folder holding the IDX files (train-images-idx3-ubyte[.gz], ...)")
+    root = Path(src)
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images_path = _idx_file(root, f"{prefix}-images-idx3-ubyte")
+        labels_path = _idx_file(root, f"{prefix}-labels-idx1-ubyte")
+        images, labels = read_idx(images_path, "images"), read_idx(labels_path, "labels")
+        if len(images) != len(labels):
+            raise GensuiteError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}")
+        for image, label in zip(images, labels):
+            yield split, resize(image[:, :, None], size), int(label)
+
+
+# -- CIFAR-10 (python pickles) ----------------------------------------------------------------
+
+
+def _cifar_root(src: str | None) -> Path:
+    if not src:
+        raise GensuiteError("--src: give the cifar-10-batches-py folder (data_batch_1..5, test_batch, batches.meta)")
+    root = Path(src)
+    nested = root / "cifar-10-batches-py"
+    return nested if nested.is_dir() else root
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    if not path.is_file():
+        raise GensuiteError(f"{path}: not found; expected the CIFAR-10 python batches in {path.parent}")
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        data = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = [int(v) for v in batch[b"labels"]]
+    except (pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as e:
+        raise GensuiteError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from None
+    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+        raise GensuiteError(f"{path}: expected b'data' of shape (N, 3072) and N labels, got {data.shape} "
+                            f"and {len(labels)}")
+    # Rows hold the red, green and blue 32x32 planes one after another.
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def read_cifar10(src: str | None, size: int | None = None) -> Iterator[Record]:
+    root = _cifar_root(src)
+    for split, names in (("train", [f"data_batch_{i}" for i in range(1, 6)]), ("test", ["test_batch"])):
+        for name in names:
+            images, labels = read_cifar_batch(root / name)
+            for image, label in zip(images, labels):
+                yield split, resize(np.ascontiguousarray(image), size), label
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo("digits", "image", (1, 8, 8), tuple("0123456789"), {"size": 32}, shard_size=500),
+    "moons": DatasetInfo("moons", "points", (2,), ("upper", "lower"), {"n": 10000, "noise": 0.05, "seed": 0},
+                         shard_size=4000),
+    "mnist": DatasetInfo("mnist", "image", (1, 28, 28), tuple("0123456789"), {"size": None}, needs_src=True,
+                         src_hint="the four IDX files"),
+    "fashion_mnist": DatasetInfo("fashion_mnist", "image", (1, 28, 28), FASHION_CLASSES, {"size": None},
+                                 needs_src=True, src_hint="the four IDX files"),
+    "cifar10": DatasetInfo("cifar10", "image", (3, 32, 32), CIFAR10_CLASSES, {"size": None}, needs_src=True,
+                           src_hint="the cifar-10-batches-py folder"),
+}
+
+READERS: dict[str, Callable[..., Iterator[Record]]] = {
+    "digits": read_digits,
+    "moons": read_moons,
+    "mnist": read_mnist_like,
+    "fashion_mnist": read_mnist_like,
+    "cifar10": read_cifar10,
+}

@@ -1,0 +1,160 @@
+"""Every line that knows about processes, devices and mixed precision lives here.
+
+``Runtime`` wraps an ``accelerate.Accelerator``: a single process without any launcher, or the
+ranks started by ``accelerate launch``/``torchrun``/SLURM (env:// rendezvous). Networks and
+families never import this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from gensuite.errors import GensuiteError
+
+
+class Runtime:
+    def __init__(self, precision: str = "no", cpu: bool | None = None):
+        from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        # Accelerate keeps its settings in process-wide singletons; a second run in the same
+        # process (tests, benchmarks, sweeps run locally) may ask for another precision. The
+        # process group (PartialState) is kept.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
+
+        cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+        if precision == "fp16" and cpu:
+            raise GensuiteError("train.precision: fp16 needs a GPU; use bf16 or no on CPU")
+        # broadcast_buffers=False: BatchNorm statistics stay per rank (as in single-GPU DCGAN),
+        # and a player's forward through another player's network never triggers a broadcast.
+        ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
+        self.precision = precision
+
+    # -- topology ---------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def describe(self) -> str:
+        return (f"rank {self.rank}/{self.world_size} on {socket.gethostname()} "
+                f"(local rank {self.accelerator.local_process_index}, device {self.device})")
+
+    # -- models and optimisers --------------------------------------------------------------
+    def prepare_module(self, module: nn.Module) -> nn.Module:
+        """Move to device; wrap in DDP when several ranks share trainable parameters."""
+        if not any(p.requires_grad for p in module.parameters()):
+            return module.to(self.device)
+        return self.accelerator.prepare_model(module)
+
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer):
+        return self.accelerator.prepare_optimizer(optimizer)
+
+    @staticmethod
+    def unwrap(module: nn.Module) -> nn.Module:
+        return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def no_sync(self, modules: Iterable[nn.Module]):
+        """Skip the gradient all-reduce of these modules (all but the last accumulation micro-step)."""
+        stack = contextlib.ExitStack()
+        for m in modules:
+            if isinstance(m, nn.parallel.DistributedDataParallel):
+                stack.enter_context(m.no_sync())
+        return stack
+
+    def clip_grad_norm(self, optimizer, params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
+        """Unscale (fp16) and clip; returns the total norm before clipping (logged even without clipping)."""
+        self.accelerator.unscale_gradients(optimizer)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+
+    # -- collectives ------------------------------------------------------------------------
+    def mean_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return values
+        return self.accelerator.reduce(values.detach().clone(), reduction="mean")
+
+    def gather_object(self, obj: Any) -> list[Any]:
+        if self.world_size == 1:
+            return [obj]
+        from accelerate.utils import gather_object
+
+        return gather_object([obj])
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if self.world_size == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj])[0]
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def close(self) -> None:
+        self.accelerator.end_training()
+
+
+# -- seeding and RNG state (per rank) ----------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states as plain data that ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_gauss": random.getstate()[2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+        "numpy_gauss": [int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+    has_gauss, cached = state["numpy_gauss"]
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def launched_with_ranks() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -1,0 +1,156 @@
+"""Rank-0 run output: progress bar, TensorBoard scalars/images/text/hparams and PNG sample grids."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gensuite.config import JobConfig, dump_yaml, to_dict
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def hparams_of(job: JobConfig) -> dict[str, Any]:
+    """Scalar job settings for TensorBoard's HParams view (lists become strings)."""
+    flat = flatten({k: v for k, v in to_dict(job).items() if k not in ("launch", "sweep", "eval")})
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, job: JobConfig, enabled: bool):
+        self.run_dir, self.job, self.enabled = Path(run_dir), job, enabled
+        self.writer = None
+        self.bar = None
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.last: dict[str, float] = {}
+        self.samples = 0
+        self.clock = time.perf_counter()
+
+    @property
+    def tb_dir(self) -> Path:
+        return self.run_dir / "tb"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.run_dir / "samples"
+
+    def info(self, message: str) -> None:
+        if self.enabled:
+            print(f"[gensuite {socket.gethostname()}] {message}", file=sys.stderr, flush=True)
+
+    def start(self, trainer, resumed: bool) -> None:
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        # purge_step: after a resume TensorBoard drops events the crashed run logged past the checkpoint.
+        self.writer = SummaryWriter(str(self.tb_dir), purge_step=trainer.step + 1 if resumed else None)
+        self.writer.add_text("config", "    " + dump_yaml(self.job).replace("\n", "\n    "), trainer.step)
+        if self.job.log.progress_bar:
+            self.bar = tqdm(total=trainer.total_steps, initial=trainer.step, unit="step", dynamic_ncols=True,
+                            desc=self.job.name, file=sys.stderr)
+        self.clock = time.perf_counter()
+
+    def count_samples(self, n: int) -> None:
+        self.samples += n
+
+    def add_terms(self, player: str, terms: dict[str, torch.Tensor]) -> None:
+        for key, value in terms.items():
+            tag = f"{player}/{key}"
+            self.sums[tag] = self.sums.get(tag, 0.0) + float(value)
+            self.counts[tag] = self.counts.get(tag, 0) + 1
+
+    def advance(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def scalars(self, step: int, lrs: dict[str, float]) -> None:
+        """Means of every loss term since the last call, learning rates and throughput."""
+        if not self.enabled:
+            self.sums.clear(), self.counts.clear()
+            return
+        now = time.perf_counter()
+        values = {tag: self.sums[tag] / self.counts[tag] for tag in self.sums}
+        values.update({f"lr/{p}": lr for p, lr in lrs.items()})
+        values["perf/samples_per_sec"] = self.samples / max(now - self.clock, 1e-9)
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+        self.last.update(values)
+        self.sums.clear(), self.counts.clear()
+        self.samples, self.clock = 0, now
+        if self.bar is not None:
+            shown = {t.split("/", 1)[0] + ":" + t.split("/", 1)[1]: f"{v:.4g}" for t, v in values.items()
+                     if t.endswith("/loss")}
+            self.bar.set_postfix(shown, refresh=False)
+
+    def visuals(self, step: int, visuals: dict[str, Any], family) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from torchvision.utils import make_grid, save_image
+
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        for name, value in visuals.items():
+            if isinstance(value, torch.Tensor) and value.dim() == 2:  # points: show a scatter
+                value = scatter(value)
+            png = self.samples_dir / f"{name}-{step:08d}.png"
+            if isinstance(value, torch.Tensor):
+                grid = make_grid(value.float().clamp(0, 1).cpu(), nrow=family.grid_nrow(len(value)), padding=2)
+                self.writer.add_image(f"samples/{name}", grid, step)
+                if self.job.log.save_png:
+                    save_image(grid, png)
+            else:
+                if self.job.log.save_png:
+                    value.savefig(png, dpi=100)
+                self.writer.add_figure(f"figures/{name}", value, step, close=True)
+                plt.close(value)
+
+    def finish(self, step: int) -> dict[str, float]:
+        if not self.enabled:
+            return {}
+        from torch.utils.tensorboard.summary import hparams
+
+        metrics = {f"final/{tag}": v for tag, v in self.last.items()}
+        # Written into the run's own event file (SummaryWriter.add_hparams would start a new one).
+        for summary in hparams(hparams_of(self.job), metrics):
+            self.writer.file_writer.add_summary(summary, step)
+        for tag, value in metrics.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+        return metrics
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def scatter(points: torch.Tensor):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    xy = points.detach().float().cpu().numpy()
+    ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.6)
+    ax.set_aspect("equal")
+    fig.tight_layout()
+    return fig

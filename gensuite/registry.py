@@ -1,0 +1,191 @@
+"""The family contract and the registry that maps family names and flavors to implementations.
+
+A *family* (VAE, GAN, diffusion, flow, EBM, ...) supplies networks, an objective per player and a
+sampler. The training loop in ``gensuite.trainer`` knows nothing else about it. The contract covers:
+
+- one objective (VAE, diffusion, flows, CNFs): a single player that owns every network;
+- two players alternating (GAN zoo, StackGAN): ``players()`` returns e.g. D with ``steps=n_critic``
+  then G; while one player steps, every other network is frozen and unwrapped from DDP;
+- MCMC inner loops with persistent state (EBM replay buffer): ``state_dict``/``load_state_dict``
+  are saved in every checkpoint;
+- frozen sub-networks loaded from another run (StackGAN Stage-II uses Stage-I's generator):
+  ``frozen_networks()`` names them and the run directory or checkpoint they come from;
+- conditioning on class labels (``batch["y"]``) or other fields such as text embeddings
+  (any extra key of the batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]  # "x": images in [0, 1] (N, C, H, W) or points (N, D); "y": labels (N,)
+Visual = Any  # a (N, C, H, W) image batch in [0, 1] shown as a grid, or a matplotlib Figure
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a family may know about its data, read from the shard manifest."""
+
+    dataset: str
+    kind: str  # "image" or "points"
+    shape: tuple[int, ...]  # one sample: (C, H, W) for images, (D,) for points
+    num_classes: int = 0
+    class_names: tuple[str, ...] = ()
+    samples: Mapping[str, int] = field(default_factory=dict)  # per split
+
+    @property
+    def channels(self) -> int:
+        return self.shape[0] if self.kind == "image" else 1
+
+    @property
+    def image_size(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def dim(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class Player:
+    """One optimizer and the networks it updates."""
+
+    name: str
+    networks: tuple[str, ...]
+    steps: int = 1  # consecutive steps per iteration (a critic's n_critic)
+    consumes_data: bool = True  # draw a fresh batch for each step; False reuses the last one
+
+
+class Networks(Mapping[str, nn.Module]):
+    """Name -> module view handed to the family.
+
+    During a player's step its own networks are the trainable (possibly DDP-wrapped) modules and
+    every other network is the bare module with gradients off. ``ema(name)`` gives the exponential
+    moving average copy when the job keeps one, else the module itself.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], ema: Mapping[str, nn.Module] | None = None):
+        self._modules = dict(modules)
+        self._ema = dict(ema or {})
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return self._modules[name]
+
+    def __iter__(self):
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def ema(self, name: str) -> nn.Module:
+        return self._ema.get(name, self._modules[name])
+
+
+@runtime_checkable
+class Family(Protocol):
+    """The contract every generative family implements (see the module docstring)."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type]  # dataclass for the job's `model:` section
+    flavors: ClassVar[Mapping[str, Mapping[str, Any]]]  # flavor -> defaults for `model:`
+
+    def __init__(self, cfg: Any, data: DataSpec) -> None: ...
+
+    def build_networks(self) -> dict[str, nn.Module]:
+        """Fresh networks, initialised from the current torch RNG."""
+
+    def players(self) -> list[Player]:
+        """Optimisation order within one training iteration."""
+
+    def loss(self, player: str, nets: Networks, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        """Scalar loss terms for ``player``; key ``"loss"`` is the one that is backpropagated."""
+
+    def fixed_inputs(self, n: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Fixed noise (and labels) drawn once per run so sample grids are comparable over time."""
+
+    def sample(self, nets: Networks, fixed: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Samples for the given fixed inputs: images in [0, 1] or points."""
+
+    def visuals(self, nets: Networks, fixed: dict[str, torch.Tensor], reference: Batch) -> dict[str, Visual]:
+        """Images and figures to log; ``reference`` is a fixed batch of held-out data."""
+
+    def grid_nrow(self, n: int) -> int:
+        """Images per row when ``n`` samples are shown as a grid (e.g. one row per class)."""
+
+    def frozen_networks(self) -> dict[str, str]:
+        """Networks loaded from another run and never trained: name -> run dir or checkpoint."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Extra training state to checkpoint (e.g. an EBM replay buffer); tensors and plain data."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class GenerativeFamily:
+    """Defaults for the optional parts of the contract: one player owning every network, no
+    frozen networks, no extra state, prior samples as the only visual."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type]
+    flavors: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+
+    def __init__(self, cfg: Any, data: DataSpec) -> None:
+        self.cfg = cfg
+        self.data = data
+        self._network_names: tuple[str, ...] = ()
+
+    def players(self) -> list[Player]:
+        return [Player("model", self.network_names())]
+
+    def network_names(self) -> tuple[str, ...]:
+        if not self._network_names:
+            with torch.device("meta"):
+                self._network_names = tuple(self.build_networks())
+        return self._network_names
+
+    def visuals(self, nets: Networks, fixed: dict[str, torch.Tensor], reference: Batch) -> dict[str, Visual]:
+        return {"samples": self.sample(nets, fixed)}
+
+    def grid_nrow(self, n: int) -> int:
+        return max(1, round(n ** 0.5))
+
+    def frozen_networks(self) -> dict[str, str]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{self.name}: unexpected extra state keys {sorted(state)}")
+
+
+_FAMILIES: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: make a family available to jobs under ``cls.name``."""
+    if not cls.name or cls.name in _FAMILIES:
+        raise ValueError(f"family name {cls.name!r} is empty or already registered")
+    if not dataclasses.is_dataclass(cls.config_class):
+        raise TypeError(f"{cls.__name__}.config_class must be a dataclass")
+    _FAMILIES[cls.name] = cls
+    return cls
+
+
+def families() -> dict[str, type]:
+    import gensuite.families  # noqa: F401  (registers the built-in families)
+
+    return dict(_FAMILIES)
+
+
+def get_family(name: str) -> type:
+    return families()[name]

@@ -1,0 +1,353 @@
+"""The one training loop every family runs through.
+
+``Trainer.run`` reads top to bottom: set up (data, networks, optimisers, resume), then iterate:
+each player of the family steps in turn (a GAN's D ``n_critic`` times, then G), EMA copies follow,
+and at fixed intervals the loop logs, draws sample grids and checkpoints. Families plug in through
+the contract in ``gensuite.registry``; subclasses may override the small ``*_step`` hooks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import gensuite
+from gensuite import checkpoint as ckpt
+from gensuite.config import JobConfig, OptimizerSpec, dump_yaml
+from gensuite.data.pipeline import ShardStream, make_loader, read_split, split_shards
+from gensuite.data.shards import data_spec, read_manifest
+from gensuite.distributed import Runtime, rng_state, seed_everything, set_rng_state
+from gensuite.errors import ConfigError, GensuiteError, TrainingDiverged
+from gensuite.logger import RunLogger
+from gensuite.registry import Family, Networks, Player, get_family
+
+
+@dataclass
+class BatchPlan:
+    """How the global batch maps onto ranks and accumulation micro-steps."""
+
+    global_batch: int
+    per_rank: int
+    micro: int
+    accumulation: int
+
+    @classmethod
+    def of(cls, job: JobConfig, world_size: int) -> BatchPlan:
+        size = job.train.batch_size
+        if size % world_size:
+            raise ConfigError("train.batch_size", f"{size} is not divisible by the {world_size} ranks; "
+                                                  f"use a multiple of {world_size}")
+        per_rank = size // world_size
+        micro = min(job.train.micro_batch_size or per_rank, per_rank)
+        if per_rank % micro:
+            raise ConfigError("train.micro_batch_size", f"{micro} does not divide the per-rank batch {per_rank}")
+        return cls(size, per_rank, micro, per_rank // micro)
+
+
+def build_optimizer(params: list[nn.Parameter], spec: OptimizerSpec) -> torch.optim.Optimizer:
+    if spec.name == "adam":
+        return torch.optim.Adam(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+    if spec.name == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay)
+    if spec.name == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    return torch.optim.RMSprop(params, lr=spec.lr, momentum=spec.momentum, eps=spec.eps,
+                               weight_decay=spec.weight_decay)
+
+
+def lr_factor(spec: OptimizerSpec, total_steps: int):
+    """Linear warm-up, then constant, cosine or linear decay to zero at the last step."""
+
+    def factor(step: int) -> float:
+        if step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        if spec.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - spec.warmup_steps) / max(1, total_steps - spec.warmup_steps))
+        return 0.5 * (1 + math.cos(math.pi * progress)) if spec.schedule == "cosine" else 1.0 - progress
+
+    return factor
+
+
+def set_trainable(module: nn.Module, trainable: bool) -> None:
+    for p in module.parameters():
+        p.requires_grad_(trainable)
+
+
+class Trainer:
+    def __init__(self, job: JobConfig, run_dir: str | Path, runtime: Runtime | None = None):
+        self.job = job
+        self.run_dir = Path(run_dir)
+        self.rt = runtime or Runtime(job.train.precision)
+        self.shard_dir = Path(job.data.root) / job.data.dataset
+        self.manifest = read_manifest(self.shard_dir)
+        self.spec = data_spec(self.manifest)
+        self.family: Family = get_family(job.family)(job.model, self.spec)
+        self.plan = BatchPlan.of(job, self.rt.world_size)
+        self.players: list[Player] = self.family.players()
+        self.batches_per_epoch = self.spec.samples["train"] // self.plan.global_batch
+        if self.batches_per_epoch < 1:
+            raise ConfigError("train.batch_size", f"{self.plan.global_batch} exceeds the "
+                                                  f"{self.spec.samples['train']} training samples")
+        data_steps = sum(p.steps for p in self.players if p.consumes_data) or 1
+        self.total_steps = job.train.steps or max(1, round(job.train.epochs * self.batches_per_epoch / data_steps))
+
+        seed_everything(job.train.seed)  # identical initial weights on every rank
+        self._build_networks()
+        self._build_optimizers()
+        self.step = 0
+        self.consumed = 0  # micro-batches this rank has drawn: the data position
+        self.logger = RunLogger(self.run_dir, job, enabled=self.rt.is_main)
+        # Each rank draws different noise, reproducibly.
+        seed_everything((job.train.seed + 1) * 100_003 + self.rt.rank)
+        self._resume()
+
+    # -- set-up ---------------------------------------------------------------------------------
+    def _build_networks(self) -> None:
+        nets = self.family.build_networks()
+        frozen = self.family.frozen_networks()
+        for name, source in frozen.items():
+            nets[name].load_state_dict(load_network(source, name))
+            set_trainable(nets[name], False)
+            nets[name].eval()
+        owners = {n: p.name for p in self.players for n in p.networks}
+        orphans = [n for n in nets if n not in owners and n not in frozen]
+        if orphans:
+            raise RuntimeError(f"family {self.job.family}: networks {orphans} belong to no player")
+        unknown = [n for n in self.job.train.ema.networks if n not in nets]
+        if unknown:
+            raise ConfigError("train.ema.networks", f"unknown network {unknown[0]!r}; this family has "
+                                                    f"{', '.join(nets)}")
+        self.bare = nets  # unwrapped modules: checkpoints, frozen views, sampling
+        self.ema = {
+            n: AveragedModel(nets[n], multi_avg_fn=get_ema_multi_avg_fn(self.job.train.ema.decay), use_buffers=True)
+            .to(self.rt.device).eval()
+            for n in self.job.train.ema.networks
+        }
+        self.modules = {n: self.rt.prepare_module(m) for n, m in nets.items()}
+
+    def _build_optimizers(self) -> None:
+        self.optimizers, self.schedulers, self.optim_specs = {}, {}, {}
+        for p in self.players:
+            spec = self.job.optim.for_player(p.name)
+            params = [q for n in p.networks for q in self.modules[n].parameters()]
+            opt = self.rt.prepare_optimizer(build_optimizer(params, spec))
+            self.optimizers[p.name], self.optim_specs[p.name] = opt, spec
+            # Not prepared by Accelerate: its scheduler wrapper steps once per process.
+            self.schedulers[p.name] = torch.optim.lr_scheduler.LambdaLR(opt.optimizer, lr_factor(spec, self.total_steps))
+        unknown = set(self.job.optim.players) - set(self.optimizers)
+        if unknown:
+            raise ConfigError(f"optim.players.{sorted(unknown)[0]}",
+                              f"no such player; this family has {', '.join(self.optimizers)}")
+
+    def _resume(self) -> None:
+        resume = self.job.train.resume
+        path = None
+        if resume == "auto":
+            path = ckpt.latest_checkpoint(self.run_dir)
+        elif resume != "never":
+            path = Path(resume)
+        if path is None:
+            return
+        state = ckpt.load_checkpoint(path)
+        saved = state["config"]
+        for key in ("family", "flavor"):
+            if saved[key] != getattr(self.job, key):
+                raise GensuiteError(f"{path}: checkpoint is a {saved['family']}/{saved['flavor']} run, the job is "
+                                    f"{self.job.family}/{self.job.flavor}; use another --run-dir or train.resume: never")
+        for name, module in self.bare.items():
+            module.load_state_dict(state["networks"][name])
+        for name, avg in self.ema.items():
+            avg.load_state_dict(state["ema"][name])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+            self.schedulers[name].load_state_dict(state["schedulers"][name])
+        scaler = self.rt.accelerator.scaler
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        self.family.load_state_dict(state["family"])
+        self.step = state["step"]
+        saved_world = state["data"]["world_size"]
+        self.consumed = state["data"]["micro_batches"] * saved_world // self.rt.world_size
+        if saved_world == self.rt.world_size:
+            set_rng_state(state["rng"][self.rt.rank])
+        self.logger.info(f"resumed from {path} at step {self.step}"
+                         + ("" if saved_world == self.rt.world_size else
+                            f" (world size {saved_world} -> {self.rt.world_size}: data order and RNG re-derived)"))
+        self.resumed_from = path
+
+    def _data(self):
+        shards = split_shards(self.manifest, self.shard_dir, "train")
+        stream = ShardStream(shards, self.spec.kind, self.spec.channels, self.plan.micro,
+                             self.batches_per_epoch * self.plan.accumulation, self.rt.rank, self.rt.world_size,
+                             self.job.train.seed, self.job.data.shuffle_buffer, start_batch=self.consumed)
+        return iter(make_loader(stream, self.job.data.workers))
+
+    def _next_batches(self, data) -> list[dict[str, torch.Tensor]]:
+        batches = []
+        for _ in range(self.plan.accumulation):
+            batch = next(data)
+            batches.append({k: v.to(self.rt.device, non_blocking=True) for k, v in batch.items()})
+            self.consumed += 1
+        return batches
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self) -> dict[str, float]:
+        job, log = self.job, self.logger
+        log.start(self, resumed=self.step > 0)
+        log.info(f"{self.rt.describe()}: {job.family}/{job.flavor} on {self.spec.dataset}, steps "
+                 f"{self.step}->{self.total_steps}, global batch {self.plan.global_batch} = {self.rt.world_size} "
+                 f"ranks x {self.plan.accumulation} x {self.plan.micro}")
+        fixed = {k: v.to(self.rt.device) for k, v in
+                 self.family.fixed_inputs(job.log.grid_size, torch.Generator().manual_seed(job.train.seed)).items()}
+        reference = self._reference_batch()
+        data = self._data()
+        for m in self.modules.values():
+            m.train()
+        for name in self.family.frozen_networks():
+            self.bare[name].eval()
+        batches = None
+        while self.step < self.total_steps:
+            self.step += 1
+            for player in self.players:
+                for _ in range(player.steps):
+                    if player.consumes_data or batches is None:
+                        batches = self._next_batches(data)
+                        log.count_samples(self.plan.global_batch)
+                    log.add_terms(player.name, self.player_step(player, batches))
+            self.update_ema()
+            log.advance()
+            if self.step % job.train.log_every == 0 or self.step == self.total_steps:
+                log.scalars(self.step, self._lrs())
+            if self.step % job.train.sample_every == 0 or self.step == self.total_steps:
+                self.log_visuals(fixed, reference)
+            if self.step % job.train.checkpoint_every == 0 or self.step == self.total_steps:
+                self.save()
+        return log.finish(self.step)
+
+    def player_step(self, player: Player, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """One optimiser step of ``player`` over the accumulated micro-batches; others are frozen."""
+        active = set(player.networks)
+        for name, module in self.bare.items():
+            set_trainable(module, name in active)
+        view = Networks({n: self.modules[n] if n in active else self.bare[n] for n in self.bare},
+                        {n: avg.module for n, avg in self.ema.items()})
+        opt = self.optimizers[player.name]
+        opt.zero_grad(set_to_none=True)
+        sums: dict[str, torch.Tensor] = {}
+        for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
+            with self.rt.no_sync([] if last else [self.modules[n] for n in active]):
+                with self.rt.autocast():
+                    terms = self.family.loss(player.name, view, batch, self.step)
+                self.rt.backward(terms["loss"] / len(batches))
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0) + v.detach().float() / len(batches)
+        params = [p for n in player.networks for p in self.modules[n].parameters()]
+        grad_norm = self.rt.clip_grad_norm(opt, params, self.optim_specs[player.name].grad_clip)
+        names = list(sums)
+        values = self.rt.mean_across_ranks(torch.stack([sums[k] for k in names]))
+        bad = [k for k, v in zip(names, values.tolist()) if not math.isfinite(v)]
+        if bad:  # before the optimiser step: parameters and checkpoints stay finite
+            latest = ckpt.latest_checkpoint(self.run_dir)
+            raise TrainingDiverged(f"step {self.step}: loss term {player.name}/{bad[0]} is "
+                                   f"{values[names.index(bad[0])].item()}; stopped; last good checkpoint: "
+                                   f"{latest or 'none yet'}")
+        opt.step()
+        self.schedulers[player.name].step()
+        out = dict(zip(names, values))
+        out["grad_norm"] = grad_norm.detach().float()
+        return out
+
+    def update_ema(self) -> None:
+        for name, avg in self.ema.items():
+            avg.update_parameters(self.bare[name])
+
+    def _lrs(self) -> dict[str, float]:
+        return {p: s.get_last_lr()[0] for p, s in self.schedulers.items()}
+
+    def _reference_batch(self) -> dict[str, torch.Tensor]:
+        split = self.job.data.reference_split
+        if split not in self.manifest["splits"]:
+            split = "train"
+        batch = read_split(self.shard_dir, split, self.job.log.grid_size)
+        return {k: v.to(self.rt.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def log_visuals(self, fixed, reference) -> None:
+        if not self.rt.is_main:
+            return
+        nets = Networks(self.bare, {n: avg.module for n, avg in self.ema.items()})
+        modes = {n: m.training for n, m in self.bare.items()}
+        for m in self.bare.values():
+            m.eval()
+        try:
+            visuals = self.family.visuals(nets, fixed, reference)
+        finally:
+            for n, m in self.bare.items():
+                m.train(modes[n])
+        self.logger.visuals(self.step, visuals, self.family)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state(self, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
+        scaler = self.rt.accelerator.scaler
+        return {
+            "gensuite_version": gensuite.__version__,
+            "step": self.step,
+            "config": self.job.to_dict(),
+            "networks": {n: m.state_dict() for n, m in self.bare.items()},
+            "ema": {n: avg.state_dict() for n, avg in self.ema.items()},
+            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+            "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "family": self.family.state_dict(),
+            "data": {"micro_batches": self.consumed, "world_size": self.rt.world_size,
+                     "epoch": self.consumed // (self.batches_per_epoch * self.plan.accumulation)},
+            "rng": rng_states,
+        }
+
+    def save(self) -> Path | None:
+        rngs = self.rt.gather_object(rng_state())  # every rank's RNG, so each resumes its own stream
+        path = None
+        if self.rt.is_main:
+            path = ckpt.save_checkpoint(self.run_dir, self.step, self.state(rngs), self.job.train.keep_checkpoints)
+            self.logger.info(f"step {self.step}: checkpoint {path}")
+        self.rt.barrier()
+        return path
+
+
+def load_network(source: str, name: str) -> dict[str, torch.Tensor]:
+    """Weights of network ``name`` from a checkpoint file or the latest checkpoint of a run dir."""
+    path = Path(source)
+    if path.is_dir():
+        found = ckpt.latest_checkpoint(path)
+        if found is None:
+            raise GensuiteError(f"{path}: run directory has no checkpoints to load network {name!r} from")
+        path = found
+    state = ckpt.load_checkpoint(path)
+    if name not in state["networks"]:
+        raise GensuiteError(f"{path}: checkpoint has no network {name!r} (it has {', '.join(state['networks'])})")
+    if name in state.get("ema", {}):  # prefer the EMA weights a run samples with
+        return {k.removeprefix("module."): v for k, v in state["ema"][name].items() if k != "n_averaged"}
+    return state["networks"][name]
+
+
+def train(job: JobConfig, run_dir: str | Path) -> dict[str, float]:
+    """Run (or resume) a job; returns the final logged metrics on rank 0."""
+    runtime = Runtime(job.train.precision)
+    run_dir = Path(run_dir)
+    if runtime.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(job))
+    trainer = Trainer(job, run_dir, runtime)
+    try:
+        return trainer.run()
+    finally:
+        trainer.logger.close()

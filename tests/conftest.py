@@ -1,0 +1,20 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def shard_root(tmp_path_factory) -> Path:
+    """Small real shard sets built once per session: digits at 16x16 and two-moons."""
+    from gensuite.data.shards import build
+
+    root = tmp_path_factory.mktemp("shards")
+    build("digits", None, str(root), size=16, progress=False)
+    build("moons", None, str(root), n=2000, progress=False)
+    return root

@@ -1,0 +1,99 @@
+"""Job files: every shipped job validates; malformed ones give one-line errors and exit code 2."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gensuite.config import load_job
+from gensuite.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = sorted((ROOT / "jobs").glob("*.yaml"))
+
+GOOD = """\
+family: vae
+flavor: debug
+data: {dataset: digits}
+train: {steps: 10, batch_size: 16}
+"""
+
+
+def write(tmp_path, text, name="job.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "gensuite", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT)
+
+
+@pytest.mark.parametrize("job", JOBS, ids=[j.name for j in JOBS])
+def test_every_shipped_job_validates(job):
+    cfg = load_job(job)
+    assert cfg.name == job.stem
+    assert cfg.train.batch_size >= 1
+
+
+def test_there_are_jobs_for_the_issue():
+    names = {j.stem for j in JOBS}
+    assert {"demo", "vae_mnist", "cvae_mnist", "gan_mnist", "dcgan_mnist", "dcgan_cifar10"} <= names
+    assert any(n.endswith("_digits") for n in names)
+
+
+def test_good_job_loads_with_types_and_overrides(tmp_path):
+    job = load_job(write(tmp_path, GOOD + "optim: {lr: 2e-4, betas: [0.5, 0.999]}\n"),
+                   ["train.steps=30", "train.precision=no", "model.beta=4"])
+    assert job.train.steps == 30 and job.optim.lr == 2e-4 and job.optim.betas == (0.5, 0.999)
+    assert job.model.beta == 4.0 and isinstance(job.model.beta, float)
+    assert job.train.precision == "no"  # YAML's bare `no` is False; it still means "no"
+    assert job.name == "job"
+
+
+@pytest.mark.parametrize("text, message", [
+    (GOOD.replace("steps: 10", "setps: 10"), "train.setps: unknown key; did you mean train.steps?"),
+    (GOOD.replace("steps: 10", "steps: ten"), "train.steps: expected an integer, got str 'ten'"),
+    (GOOD.replace("steps: 10", "steps: 0"), "train.steps: must be >= 1"),
+    (GOOD.replace("family: vae", "family: vea"), "family: unknown family 'vea'; did you mean vae?"),
+    (GOOD.replace("flavor: debug", "flavor: debgu"), "flavor: unknown flavor 'debgu' for family vae; did you mean debug?"),
+    (GOOD + "optim: {name: adma}\n", "optim.name: invalid value 'adma'; did you mean adam?"),
+    (GOOD + "model: {latnt_dim: 3}\n", "model.latnt_dim: unknown key; did you mean model.latent_dim?"),
+    (GOOD + "train2: {}\n", "train2: unknown key; did you mean train?"),
+])
+def test_bad_fields_name_the_path(tmp_path, text, message):
+    with pytest.raises(ConfigError) as e:
+        load_job(write(tmp_path, text))
+    assert str(e.value).startswith(message)
+
+
+@pytest.mark.parametrize("text, expected", [
+    (GOOD.replace("steps: 10", "setps: 10"), "train.setps: unknown key; did you mean train.steps?"),
+    (GOOD.replace("batch_size: 16", "batch_size: [16]"), "train.batch_size: expected an integer"),
+    (GOOD.replace("family: vae", "family: nope"), "family: unknown family 'nope'"),
+    ("family: vae\nflavor: [debug\n", "YAML syntax error"),
+    ("", "empty job file"),
+])
+def test_cli_validate_one_line_error_exit_2(tmp_path, text, expected):
+    result = cli("validate", write(tmp_path, text))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_shards_name_the_build_command(tmp_path):
+    job = write(tmp_path, GOOD.replace("dataset: digits", "dataset: mnist, root: " + str(tmp_path / "none")))
+    for args in (("validate", "--data", job), ("train", job, "--run-dir", tmp_path / "run")):
+        result = cli(*args)
+        assert result.returncode == 2, result.stderr
+        line = result.stderr.strip()
+        assert "\n" not in line and "python shards/build.py mnist" in line and "Traceback" not in line
+
+
+def test_cli_validate_all_shipped_jobs():
+    result = cli("validate", *JOBS)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ok ") == len(JOBS)

@@ -1,0 +1,170 @@
+"""The training loop end to end on real shards: every family, exact resume, TensorBoard, NaN stop."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gensuite import checkpoint as ckpt
+from gensuite.config import job_from_dict
+from gensuite.errors import TrainingDiverged
+from gensuite.registry import families
+from gensuite.trainer import Trainer, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_job(shard_root, family="gan", flavor="debug", **train_kw):
+    train_cfg = dict(steps=6, batch_size=16, log_every=2, sample_every=3, checkpoint_every=3, seed=3)
+    train_cfg.update(train_kw)
+    return job_from_dict({"name": f"{family}-test", "family": family, "flavor": flavor,
+                          "data": {"dataset": "digits", "root": str(shard_root), "shuffle_buffer": 64},
+                          "train": train_cfg, "log": {"grid_size": 16, "progress_bar": False}})
+
+
+def events(run_dir) -> EventAccumulator:
+    acc = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.mark.parametrize("name", sorted(families()))
+def test_every_family_debug_flavor_trains_through_the_loop(shard_root, tmp_path, name):
+    cls = families()[name]
+    assert "debug" in cls.flavors, f"family {name} needs a debug flavor"
+    metrics = train(make_job(shard_root, name, steps=4, checkpoint_every=4), tmp_path)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000004.pt"]
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    assert state["step"] == 4 and state["config"]["family"] == name
+    losses = {k: v for k, v in metrics.items() if k.endswith("/loss")}
+    assert losses and all(math.isfinite(v) for v in losses.values())
+    assert (tmp_path / "samples" / "samples-00000004.png").is_file()
+
+
+def _params(run_dir):
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))
+    return state
+
+
+def _assert_bitwise_equal(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_bitwise_equal(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_bitwise_equal(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+@pytest.mark.parametrize("family, extra", [
+    ("gan", dict(ema={"networks": ["G"], "decay": 0.9}, micro_batch_size=8)),
+    ("vae", dict()),
+])
+def test_resume_is_bitwise_identical(shard_root, tmp_path, family, extra):
+    n = 5  # resume mid-epoch
+    straight = tmp_path / "straight"
+    train(make_job(shard_root, family, steps=2 * n, checkpoint_every=100, **extra), straight)
+    split = tmp_path / "split"
+    train(make_job(shard_root, family, steps=n, checkpoint_every=100, **extra), split)
+    train(make_job(shard_root, family, steps=2 * n, checkpoint_every=100, **extra), split)
+    a, b = _params(straight), _params(split)
+    assert a["step"] == b["step"] == 2 * n
+    for key in ("networks", "ema", "optimizers", "family", "data", "rng"):
+        _assert_bitwise_equal(a[key], b[key], key)
+    # The comparison can fail: one more step changes the parameters.
+    train(make_job(shard_root, family, steps=2 * n + 1, checkpoint_every=100, **extra), split)
+    c = _params(split)
+    assert any(not torch.equal(c["networks"][k][p], a["networks"][k][p])
+               for k in a["networks"] for p in a["networks"][k] if a["networks"][k][p].is_floating_point())
+
+
+def test_resume_across_an_epoch_boundary(shard_root, tmp_path):
+    # digits: 1500 train samples / 400 = 3 batches per epoch; resume at step 4 is inside epoch 1.
+    kw = dict(batch_size=400, checkpoint_every=100)
+    train(make_job(shard_root, "vae", steps=8, **kw), tmp_path / "a")
+    train(make_job(shard_root, "vae", steps=4, **kw), tmp_path / "b")
+    train(make_job(shard_root, "vae", steps=8, **kw), tmp_path / "b")
+    a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
+    assert a["data"]["epoch"] == b["data"]["epoch"] == 2
+    _assert_bitwise_equal(a["networks"], b["networks"], "networks")
+
+
+def test_tensorboard_event_file_reads_back(shard_root, tmp_path):
+    train(make_job(shard_root, "gan", steps=6, log_every=2, sample_every=3), tmp_path)
+    acc = events(tmp_path)
+    tags = acc.Tags()
+    for tag in ("D/loss", "G/loss", "D/grad_norm", "G/grad_norm", "lr/D", "lr/G", "perf/samples_per_sec"):
+        assert [e.step for e in acc.Scalars(tag)] == [2, 4, 6], tag
+    assert [e.step for e in acc.Images("samples/samples")] == [3, 6]
+    assert "config/text_summary" in tags["tensors"]
+    config_text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "family: gan" in config_text and "batch_size: 16" in config_text
+    assert acc.Scalars("lr/D")[0].value == pytest.approx(2e-4)
+    plugin_tags = [t for t in tags["tensors"] if t.startswith("_hparams_")]
+    assert "_hparams_/experiment" in plugin_tags and "_hparams_/session_start_info" in plugin_tags
+    assert [e.step for e in acc.Scalars("final/G/loss")] == [6]
+
+
+def test_resume_purges_events_logged_after_the_checkpoint(shard_root, tmp_path):
+    train(make_job(shard_root, "vae", steps=6, log_every=1, checkpoint_every=4, keep_checkpoints=5), tmp_path)
+    # Simulate a crash after step 6 whose last checkpoint was step 4.
+    ckpt.checkpoint_dir(tmp_path).joinpath("step-00000006.pt").unlink()
+    train(make_job(shard_root, "vae", steps=8, log_every=1, checkpoint_every=4, keep_checkpoints=5), tmp_path)
+    steps = [e.step for e in events(tmp_path).Scalars("model/loss")]
+    assert steps == list(range(1, 9))
+
+
+def test_checkpoints_are_rotated_and_load_weights_only(shard_root, tmp_path):
+    train(make_job(shard_root, "vae", steps=8, checkpoint_every=2, keep_checkpoints=2), tmp_path)
+    folder = ckpt.checkpoint_dir(tmp_path)
+    (folder / ".step-00000010.pt.tmp-123").write_bytes(b"half written")  # an interrupted save
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000006.pt", "step-00000008.pt"]
+    state = torch.load(ckpt.latest_checkpoint(tmp_path), weights_only=True)
+    assert state["gensuite_version"] and len(state["rng"]) == 1
+    assert {"networks", "optimizers", "schedulers", "ema", "data", "config"} <= state.keys()
+
+
+def test_nan_loss_stops_with_step_and_term_and_keeps_last_good_checkpoint(shard_root, tmp_path):
+    trainer = Trainer(make_job(shard_root, "vae", steps=10, checkpoint_every=2), tmp_path)
+    real_loss = trainer.family.loss
+
+    def loss(player, nets, batch, step):
+        terms = real_loss(player, nets, batch, step)
+        if step == 5:
+            terms["kl"] = terms["kl"] * float("nan")
+            terms["loss"] = terms["loss"] + terms["kl"]
+        return terms
+
+    trainer.family.loss = loss
+    with pytest.raises(TrainingDiverged, match=r"step 5: loss term model/(loss|kl) is nan.*step-00000004\.pt"):
+        trainer.run()
+    trainer.logger.close()
+    last = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
+    assert last["step"] == 4
+    assert all(torch.isfinite(t).all() for net in last["networks"].values() for t in net.values())
+
+
+@pytest.mark.slow
+def test_two_process_ddp_training_with_torchrun(shard_root, tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(f"family: gan\nflavor: debug\ndata: {{dataset: digits, root: {shard_root}}}\n"
+                   "train: {steps: 4, batch_size: 16, checkpoint_every: 4, log_every: 2}\nlog: {progress_bar: false}\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "0", "-m", "gensuite.train", str(job), "--run-dir", str(tmp_path / "run")],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))
+    assert state["step"] == 4 and len(state["rng"]) == 2
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])  # per-rank seeding
+    assert "global batch 16 = 2 ranks x 1 x 8" in result.stderr
