@@ -24,7 +24,6 @@ class Runtime:
     def __init__(self, precision: str = "no", cpu: bool | None = None):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState, GradientState
-        from accelerate.utils import DistributedDataParallelKwargs
 
         # Accelerate keeps its settings in process-wide singletons; a second run in the same
         # process (tests, benchmarks, sweeps run locally) may ask for another precision. The
@@ -35,10 +34,7 @@ class Runtime:
         cpu = (not torch.cuda.is_available()) if cpu is None else cpu
         if precision == "fp16" and cpu:
             raise GensuiteError("train.precision: fp16 needs a GPU; use bf16 or no on CPU")
-        # broadcast_buffers=False: BatchNorm statistics stay per rank (as in single-GPU DCGAN),
-        # and a player's forward through another player's network never triggers a broadcast.
-        ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
-        self.accelerator = Accelerator(mixed_precision=precision, cpu=cpu, kwargs_handlers=[ddp])
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=cpu)
         self.precision = precision
 
     # -- topology ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from gensuite import checkpoint as ckpt
 from gensuite.config import job_from_dict
@@ -110,8 +111,10 @@ def test_tensorboard_event_file_reads_back(shard_root, tmp_path):
     config_text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "family: gan" in config_text and "batch_size: 16" in config_text
     assert acc.Scalars("lr/D")[0].value == pytest.approx(2e-4)
-    plugin_tags = [t for t in tags["tensors"] if t.startswith("_hparams_")]
-    assert "_hparams_/experiment" in plugin_tags and "_hparams_/session_start_info" in plugin_tags
+    hparams = acc.PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= hparams.keys()
+    start = HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info.hparams
+    assert start["model.loss"].string_value == "non_saturating" and start["train.batch_size"].number_value == 16
     assert [e.step for e in acc.Scalars("final/G/loss")] == [6]
 
 
@@ -160,8 +163,7 @@ def test_two_process_ddp_training_with_torchrun(shard_root, tmp_path):
     job.write_text(f"family: gan\nflavor: debug\ndata: {{dataset: digits, root: {shard_root}}}\n"
                    "train: {steps: 4, batch_size: 16, checkpoint_every: 4, log_every: 2}\nlog: {progress_bar: false}\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "0", "-m", "gensuite.train", str(job), "--run-dir", str(tmp_path / "run")],
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gensuite.train", str(job), "--run-dir", str(tmp_path / "run")],
                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 
 from gensuite.data.shards import read_manifest
 
@@ -47,8 +47,8 @@ def _rng(*parts) -> random.Random:
 def decode_sample(sample: dict, kind: str, channels: int) -> dict:
     out = {"y": int(sample["cls"])} if "cls" in sample else {}
     if kind == "image":
-        mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
-        out["x"] = decode_image(torch.frombuffer(bytearray(sample["png"]), dtype=torch.uint8), mode=mode)
+        image = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("L" if channels == 1 else "RGB"))
+        out["x"] = torch.from_numpy(image.reshape(image.shape[0], image.shape[1], channels).transpose(2, 0, 1).copy())
     else:
         out["x"] = torch.from_numpy(np.load(io.BytesIO(sample["npy"])))
     for key, value in sample.items():  # extra fields, e.g. text embeddings stored as <name>.npy

@@ -1,0 +1,31 @@
+"""The (β-)ELBO: reconstruction negative log-likelihood plus β times KL(q(z|x) || N(0, I))."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def kl_standard_normal(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, exp(log_var)) || N(0, I)) per sample, summed over latent dimensions (closed form)."""
+    return 0.5 * (mean.pow(2) + log_var.exp() - 1.0 - log_var).flatten(1).sum(1)
+
+
+def bernoulli_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """−log p(x|z) for a sigmoid-Bernoulli decoder, per sample: binary cross-entropy summed over pixels."""
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1)
+
+
+def gaussian_nll(mean: torch.Tensor, log_std: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """−log N(x; mean, diag(exp(2 log_std))) per sample. With log_std = 0 this is
+    0.5 * ||x − mean||² + 0.5 * D * log(2π): MSE up to a constant, i.e. fixed identity covariance."""
+    log_std = log_std.expand_as(mean)
+    nll = 0.5 * ((x - mean) / log_std.exp()).pow(2) + log_std + 0.5 * math.log(2 * math.pi)
+    return nll.flatten(1).sum(1)
+
+
+def reparameterize(mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
+    """z = mean + σ ε with ε ~ N(0, I): a sample whose gradient flows to mean and log_var."""
+    return mean + (0.5 * log_var).exp() * torch.randn_like(mean)
