@@ -1,0 +1,154 @@
+"""VAE family: the ELBO's terms against closed forms and torch.distributions; the seeds' theory."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import distributions as D
+from torch import nn
+
+from gensuite.config import from_dict
+from gensuite.errors import ConfigError
+from gensuite.families.vae import VAE, VAEConfig
+from gensuite.families.vae.objective import bernoulli_nll, gaussian_nll, kl_standard_normal, reparameterize
+from gensuite.registry import DataSpec, Networks
+
+MNIST = DataSpec("mnist", "image", (1, 28, 28), 10, tuple("0123456789"))
+CIFAR = DataSpec("cifar10", "image", (3, 32, 32), 10, tuple("abcdefghij"))
+
+
+def family(flavor="debug", data=MNIST, **overrides):
+    cfg = from_dict(VAEConfig, {**VAE.flavors[flavor], **overrides}, "model")
+    return VAE(cfg, data)
+
+
+def test_kl_closed_form_matches_torch_and_monte_carlo():
+    torch.manual_seed(0)
+    mean, log_var = torch.randn(3, 4), torch.randn(3, 4) * 0.5
+    q = D.Normal(mean, (0.5 * log_var).exp())
+    expected = D.kl_divergence(q, D.Normal(0.0, 1.0)).sum(1)
+    assert torch.allclose(kl_standard_normal(mean, log_var), expected, atol=1e-6)
+    z = q.sample((200_000,))
+    mc = (q.log_prob(z) - D.Normal(0.0, 1.0).log_prob(z)).sum(-1).mean(0)
+    assert torch.allclose(mc, expected, atol=0.02)
+
+
+def test_bernoulli_decoder_reconstruction_is_binary_cross_entropy():
+    torch.manual_seed(1)
+    logits, x = torch.randn(5, 1, 4, 4), torch.rand(5, 1, 4, 4).round()
+    expected = -D.Bernoulli(logits=logits).log_prob(x).flatten(1).sum(1)
+    assert torch.allclose(bernoulli_nll(logits, x), expected, atol=1e-5)
+
+
+def test_gaussian_fixed_identity_covariance_is_mse_plus_constant():
+    torch.manual_seed(2)
+    mean, x = torch.randn(5, 12), torch.randn(5, 12)
+    nll = gaussian_nll(mean, torch.zeros(()), x)
+    assert torch.allclose(nll, 0.5 * ((x - mean) ** 2).sum(1) + 0.5 * 12 * math.log(2 * math.pi), atol=1e-5)
+
+
+def test_gaussian_learned_variance_matches_normal_log_prob():
+    torch.manual_seed(3)
+    mean, log_std, x = torch.randn(4, 6), torch.randn(6) * 0.3, torch.randn(4, 6)
+    expected = -D.Normal(mean, log_std.exp()).log_prob(x).sum(1)
+    assert torch.allclose(gaussian_nll(mean, log_std, x), expected, atol=1e-5)
+
+
+def test_reparameterization_has_the_right_moments_and_gradient_path():
+    torch.manual_seed(4)
+    mean = torch.full((200_000, 1), 1.5, requires_grad=True)
+    log_var = torch.full((200_000, 1), math.log(0.25), requires_grad=True)
+    z = reparameterize(mean, log_var)
+    assert z.mean().item() == pytest.approx(1.5, abs=0.01) and z.var().item() == pytest.approx(0.25, abs=0.01)
+    z.sum().backward()
+    assert torch.all(mean.grad == 1)
+
+
+def test_score_function_and_reparameterization_are_unbiased_but_reinforce_is_noisier():
+    # d/dμ E_{z~N(μ,1)}[z²] = 2μ. Reparameterized: 2(μ+ε). Score function: z² (z − μ).
+    torch.manual_seed(5)
+    mu, eps = 0.7, torch.randn(400_000)
+    z = mu + eps
+    reparam, score = 2 * z, z ** 2 * (z - mu)
+    assert reparam.mean().item() == pytest.approx(2 * mu, abs=0.01)
+    assert score.mean().item() == pytest.approx(2 * mu, abs=0.05)
+    assert score.var().item() > 5 * reparam.var().item()
+
+
+def test_gumbel_softmax_temperature_limits():
+    torch.manual_seed(6)
+    logits = torch.tensor([[1.0, 0.5, -1.0, 2.0]]).repeat(2000, 1)
+    cold = F.gumbel_softmax(logits, tau=0.01)
+    hot = F.gumbel_softmax(logits, tau=1000.0)
+    assert cold.max(1).values.mean() > 0.99  # λ → 0: one-hot
+    assert torch.allclose(hot, torch.full_like(hot, 0.25), atol=0.01)  # λ → ∞: uniform
+    # The one-hot's arg-max follows the categorical distribution softmax(logits).
+    freq = torch.bincount(cold.argmax(1), minlength=4).float() / 2000
+    assert torch.allclose(freq, logits[0].softmax(0), atol=0.04)
+
+
+def _loss(fam, nets, batch, seed=0):
+    torch.manual_seed(seed)
+    return fam.loss("model", Networks(nets), batch, 1)
+
+
+def test_beta_scales_only_the_kl_term():
+    torch.manual_seed(7)
+    batch = {"x": torch.rand(8, 1, 28, 28), "y": torch.randint(0, 10, (8,))}
+    f1, f4 = family(beta=1.0), family(beta=4.0)
+    torch.manual_seed(0)
+    nets = f1.build_networks()
+    a, b = _loss(f1, nets, batch), _loss(f4, nets, batch)
+    assert torch.allclose(a["recon"], b["recon"]) and torch.allclose(a["kl"], b["kl"])
+    assert torch.allclose(b["loss"] - a["loss"], 3 * a["kl"], atol=1e-4)
+    assert torch.allclose(a["elbo"], -(a["recon"] + a["kl"]))
+    assert torch.allclose(a["bpd"], (a["recon"] + a["kl"]) / (784 * math.log(2)))
+
+
+def test_conditional_vae_output_depends_on_the_label():
+    fam = family(conditional=True)
+    torch.manual_seed(0)
+    nets = fam.build_networks()
+    z = torch.randn(1, 2).repeat(10, 1)
+    images = fam.sample(Networks(nets), {"z": z, "y": torch.arange(10)})
+    assert images.shape == (10, 1, 28, 28)
+    assert (images[0] - images[1]).abs().max() > 1e-4
+    assert fam.grid_nrow(100) == 10
+    fixed = fam.fixed_inputs(100, torch.Generator().manual_seed(0))
+    assert fixed["y"].tolist() == [c for c in range(10) for _ in range(10)]  # one row per class
+
+
+def test_conditional_needs_labels():
+    with pytest.raises(ConfigError, match="model.conditional"):
+        family(data=DataSpec("x", "image", (1, 8, 8), 0), conditional=True)
+
+
+def test_conv_flavor_is_the_assignment_architecture():
+    nets = family("conv").build_networks()
+    convs = [m for m in nets["encoder"].modules() if isinstance(m, nn.Conv2d)]
+    pools = [m for m in nets["encoder"].modules() if isinstance(m, nn.MaxPool2d)]
+    assert [c.out_channels for c in convs] == [16, 32, 32] and len(pools) == 3
+    assert all(p.kernel_size == 2 for p in pools)
+    linears = [m for m in nets["decoder"].modules() if isinstance(m, nn.Linear)]
+    assert [m.out_features for m in linears] == [32, 64, 784]
+
+
+@pytest.mark.parametrize("flavor, data", [("mlp", MNIST), ("conv", MNIST), ("debug", CIFAR), ("conv", CIFAR)])
+def test_shapes_and_visuals(flavor, data):
+    fam = family(flavor, data, latent_dim=2)
+    torch.manual_seed(0)
+    nets = Networks(fam.build_networks())
+    x = torch.rand(6, *data.shape)
+    terms = _loss(fam, dict(nets), {"x": x, "y": torch.arange(6)})
+    assert terms["loss"].dim() == 0 and torch.isfinite(terms["loss"])
+    for m in nets.values():
+        m.eval()
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        out = fam.visuals(nets, fam.fixed_inputs(16, torch.Generator().manual_seed(0)), {"x": x, "y": torch.arange(6)})
+    assert torch.equal(state, torch.get_rng_state())  # exact resume depends on this
+    assert out["samples"].shape == (16, *data.shape) and 0 <= out["samples"].min() and out["samples"].max() <= 1
+    assert out["reconstructions"].shape == (12, *data.shape)
+    assert torch.equal(out["reconstructions"][0::2], x)
+    assert type(out["latent"]).__name__ == "Figure"
