@@ -61,8 +61,9 @@ def bare_step_times(job, shard_dir: Path, steps: int) -> list[float]:
     for _ in range(steps):
         x = next(data)["x"] * 2 - 1
         z = torch.randn(len(x), z_dim, 1, 1)
-        fake = G(z)
-        d_loss = F.softplus(-D(x)).mean() + F.softplus(D(fake.detach())).mean()
+        with torch.no_grad():
+            fake = G(z)
+        d_loss = F.softplus(-D(x)).mean() + F.softplus(D(fake)).mean()
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()

@@ -97,3 +97,25 @@ def test_cli_validate_all_shipped_jobs():
     result = cli("validate", *JOBS)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ok ") == len(JOBS)
+
+
+def test_summary_prints_architectures_and_parameter_counts(tmp_path):
+    import json
+
+    import torch
+
+    from gensuite.families.gan import GAN, GANConfig
+    from gensuite.config import from_dict
+    from gensuite.registry import DataSpec
+
+    result = cli("summary", ROOT / "jobs" / "dcgan_cifar10.yaml", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["data_shape"] == [3, 32, 32] and set(report["networks"]) == {"G", "D"}
+    nets = GAN(from_dict(GANConfig, {**GAN.flavors["dcgan"], "latent_dim": 100}, "model"),
+               DataSpec("cifar10", "image", (3, 32, 32), 10)).build_networks()
+    for name, net in nets.items():
+        assert report["networks"][name]["parameters"] == sum(p.numel() for p in net.parameters())
+    assert "ConvTranspose2d" in report["networks"]["G"]["architecture"]
+    text = cli("summary", ROOT / "jobs" / "vae_mnist.yaml")
+    assert text.returncode == 0 and "== encoder:" in text.stdout and "total:" in text.stdout
