@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import io
 import json
 import os
@@ -115,8 +116,10 @@ def build(dataset: str, src: str | None = None, out: str = "shards", shard_size:
         os.replace(tmp, final)
         entry["sha256"] = sha256(final)
 
+    records = read(src, **reader_params)
+    first = next(records)  # bad source files fail here, before a progress bar is drawn
     with tqdm(desc=f"{dataset} shards", unit="sample", disable=not progress, file=sys.stderr) as bar:
-        for split, sample, label in read(src, **reader_params):
+        for split, sample, label in itertools.chain([first], records):
             if split not in splits:
                 splits[split] = {"samples": 0, "shards": []}
                 counts[split] = 0
