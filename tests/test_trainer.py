@@ -157,13 +157,23 @@ def test_nan_loss_stops_with_step_and_term_and_keeps_last_good_checkpoint(shard_
     assert all(torch.isfinite(t).all() for net in last["networks"].values() for t in net.values())
 
 
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    # --multi_gpu picks Accelerate's torchrun-based launcher; without a GPU it runs on gloo.
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "0"],
+}
+
+
 @pytest.mark.slow
-def test_two_process_ddp_training_with_torchrun(shard_root, tmp_path):
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_process_ddp_training(shard_root, tmp_path, launcher):
     job = tmp_path / "job.yaml"
     job.write_text(f"family: gan\nflavor: debug\ndata: {{dataset: digits, root: {shard_root}}}\n"
                    "train: {steps: 4, batch_size: 16, checkpoint_every: 4, log_every: 2}\nlog: {progress_bar: false}\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "gensuite.train", str(job), "--run-dir", str(tmp_path / "run")],
+    result = subprocess.run([*LAUNCHERS[launcher], "-m", "gensuite.train", str(job), "--run-dir", str(tmp_path / "run")],
                             capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))
