@@ -134,6 +134,8 @@ class RunLogger:
         for tag, value in metrics.items():
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
+        if self.job.log.save_png:
+            write_progress_gifs(self.samples_dir)
         return metrics
 
     def close(self) -> None:
@@ -143,6 +145,20 @@ class RunLogger:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def write_progress_gifs(folder: Path) -> None:
+    """``<name>.gif`` from the ``<name>-<step>.png`` grids: how samples evolved during training."""
+    from PIL import Image
+
+    series: dict[str, list[Path]] = {}
+    for png in sorted(folder.glob("*-[0-9]*.png")):
+        series.setdefault(png.stem.rsplit("-", 1)[0], []).append(png)
+    for name, frames in series.items():
+        if len(frames) < 2:
+            continue
+        images = [Image.open(f).convert("RGB") for f in frames]
+        images[0].save(folder / f"{name}.gif", save_all=True, append_images=images[1:], duration=400, loop=0)
 
 
 def scatter(points: torch.Tensor):

@@ -106,3 +106,16 @@ def test_two_ranks_on_three_uneven_shards_run_equal_batches(tmp_path):
     # Epoch 0: ranks read disjoint shards (split by node), so they see disjoint samples.
     assert not set(r0["seen"][:24]) & set(r1["seen"][:24])
     assert len(r0["seen"]) == len(r1["seen"]) == 18 * 4
+
+
+def test_extra_fields_are_decoded_into_the_batch(tmp_path):
+    path = str(tmp_path / "train-000000.tar")
+    with wds.TarWriter(path, mtime=0) as sink:
+        for i in range(6):
+            point, emb = io.BytesIO(), io.BytesIO()
+            np.save(point, np.array([i, 0], dtype=np.float32))
+            np.save(emb, np.full(5, i, dtype=np.float32))  # e.g. a text embedding
+            sink.write({"__key__": f"{i:08d}", "npy": point.getvalue(), "emb.npy": emb.getvalue(), "cls": b"1"})
+    batch = take(stream([ShardInfo(path, 6)], batch_size=3, batches_per_epoch=2), 1)[0]
+    assert batch["emb"].shape == (3, 5)
+    assert torch.equal(batch["emb"][:, 0], batch["x"][:, 0])

@@ -116,6 +116,10 @@ def test_tensorboard_event_file_reads_back(shard_root, tmp_path):
     start = HParamsPluginData.FromString(hparams["_hparams_/session_start_info"]).session_start_info.hparams
     assert start["model.loss"].string_value == "non_saturating" and start["train.batch_size"].number_value == 16
     assert [e.step for e in acc.Scalars("final/G/loss")] == [6]
+    from PIL import Image
+
+    gif = Image.open(tmp_path / "samples" / "samples.gif")
+    assert gif.n_frames == 2  # the grids of steps 3 and 6
 
 
 def test_resume_purges_events_logged_after_the_checkpoint(shard_root, tmp_path):
@@ -245,3 +249,18 @@ def test_grad_clip_and_ema_and_bf16(shard_root, tmp_path):
     assert int(ema["n_averaged"]) == 4
     diffs = [(ema[f"module.{k}"] - v).abs().max().item() for k, v in g.items() if v.is_floating_point()]
     assert max(diffs) > 0  # the average lags the weights
+
+
+def test_frozen_networks_load_from_another_runs_checkpoint(shard_root, tmp_path):
+    from gensuite.trainer import load_network
+
+    train(make_job(shard_root, "gan", steps=2, checkpoint_every=2, ema={"networks": ["G"], "decay": 0.5}), tmp_path)
+    state = _params(tmp_path)
+    weights = load_network(str(tmp_path), "G")  # a run directory: its latest checkpoint, EMA weights preferred
+    ema = {k.removeprefix("module."): v for k, v in state["ema"]["G"].items() if k != "n_averaged"}
+    _assert_bitwise_equal(weights, ema)
+    assert load_network(str(ckpt.latest_checkpoint(tmp_path)), "D").keys() == state["networks"]["D"].keys()
+    from gensuite.errors import GensuiteError
+
+    with pytest.raises(GensuiteError, match="has no network 'H'"):
+        load_network(str(tmp_path), "H")
