@@ -181,7 +181,6 @@ class Trainer:
         self.logger.info(f"resumed from {path} at step {self.step}"
                          + ("" if saved_world == self.rt.world_size else
                             f" (world size {saved_world} -> {self.rt.world_size}: data order and RNG re-derived)"))
-        self.resumed_from = path
 
     def _data(self):
         shards = split_shards(self.manifest, self.shard_dir, "train")
