@@ -1,8 +1,7 @@
 """Job YAML -> typed, validated dataclasses.
 
 Every error is a ``ConfigError`` naming the full key path (``train.steps``) and, for unknown keys,
-the closest valid one. Sections ``launch``, ``sweep`` and ``eval`` are kept as plain mappings here;
-their own modules validate them.
+the closest valid one. The ``eval`` section is kept as a plain mapping until the evaluation layer.
 """
 
 from __future__ import annotations
@@ -10,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -79,6 +79,13 @@ class EmaConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = False  # optimizer states in CPU memory (DeepSpeedCPUAdam)
+    offload_params: bool = False  # ZeRO-3 only: parameters in CPU memory
+
+
+@dataclass
 class TrainConfig:
     steps: Optional[int] = None  # training iterations (one step of every player); or give epochs
     epochs: Optional[float] = None
@@ -92,8 +99,12 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     ema: EmaConfig = field(default_factory=EmaConfig)
+    strategy: Literal["ddp", "deepspeed"] = "ddp"  # how ranks share the work
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # used when strategy is deepspeed
 
     def __post_init__(self):
+        _check(not self.deepspeed.offload_params or self.deepspeed.zero_stage == 3, "train.deepspeed.offload_params",
+               "needs zero_stage: 3 (stages 1 and 2 keep full parameters on every rank)")
         _check((self.steps is None) != (self.epochs is None), "train.steps",
                "give exactly one of train.steps or train.epochs")
         _check(self.steps is None or self.steps >= 1, "train.steps", "must be >= 1")
@@ -115,6 +126,90 @@ class LogConfig:
         _check(self.grid_size >= 1, "log.grid_size", "must be >= 1")
 
 
+# Values that reach an sbatch script: plain tokens only, so no value can smuggle in a shell command.
+_SLURM_TOKEN = re.compile(r"^[A-Za-z0-9_.,:@+-]+$")
+_SLURM_CONSTRAINT = re.compile(r"^[A-Za-z0-9_.,:@+|&*\[\]()-]+$")
+_SBATCH_KEY = re.compile(r"^[a-z][a-z0-9-]*$")
+
+
+def _check_token(value: Optional[str], path: str, pattern: re.Pattern = _SLURM_TOKEN,
+                 allowed: str = "_ . , : @ + -") -> None:
+    if value is not None and not pattern.match(value):
+        raise ConfigError(path, f"{value!r} is refused: SLURM names use only letters, digits and {allowed}")
+
+
+@dataclass
+class LaunchConfig:
+    """Where and how ``launch/submit.py`` runs the job on SLURM (ignored when it runs locally)."""
+
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    tasks_per_node: Optional[int] = None  # default: gpus_per_node, or 1 on CPU nodes
+    cpus_per_task: int = 2
+    mem_gb: Optional[float] = None  # per node
+    timeout_min: int = 60
+    constraint: Optional[str] = None
+    exclusive: bool = False
+    array_parallelism: int = 32  # sweep tasks running at once (the array's %)
+    max_requeues: int = 3  # requeues after a timeout; preemptions do not count
+    signal_delay_s: Optional[int] = None  # checkpoint signal this long before the limit (default min(90, half))
+    setup: list[str] = field(default_factory=list)  # shell lines before the job, e.g. module load cuda
+    sbatch_args: dict[str, Any] = field(default_factory=dict)  # extra #SBATCH flags, e.g. {mail-type: END}
+    log_folder: Optional[str] = None  # default <run root>/slurm
+
+    def __post_init__(self):
+        for key in ("partition", "account", "qos"):
+            _check_token(getattr(self, key), f"launch.{key}")
+        _check_token(self.constraint, "launch.constraint", _SLURM_CONSTRAINT, "_ . , : @ + - | & * [ ] ( )")
+        for key in ("nodes", "cpus_per_task", "timeout_min", "array_parallelism"):
+            _check(getattr(self, key) >= 1, f"launch.{key}", "must be >= 1")
+        _check(self.gpus_per_node >= 0, "launch.gpus_per_node", "must be >= 0")
+        _check(self.tasks_per_node is None or self.tasks_per_node >= 1, "launch.tasks_per_node", "must be >= 1")
+        _check(self.mem_gb is None or self.mem_gb > 0, "launch.mem_gb", "must be > 0")
+        _check(self.max_requeues >= 0, "launch.max_requeues", "must be >= 0")
+        _check(self.signal_delay_s is None or 0 < self.signal_delay_s < self.timeout_min * 60,
+               "launch.signal_delay_s", "must be between 0 and the time limit in seconds")
+        for i, line in enumerate(self.setup):
+            _check(not _has_control_chars(line), f"launch.setup[{i}]",
+                   "one shell line per list item; no newlines or control characters")
+        for key, value in self.sbatch_args.items():
+            _check(bool(_SBATCH_KEY.match(str(key))), f"launch.sbatch_args.{key}",
+                   "expected an sbatch long option name such as mail-type")
+            _check(isinstance(value, (str, int, float, bool)) and not _has_control_chars(str(value)),
+                   f"launch.sbatch_args.{key}", "expected a single-line value")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tasks_per_node or self.gpus_per_node or 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+    @property
+    def signal_delay(self) -> int:
+        return self.signal_delay_s or min(90, self.timeout_min * 30)
+
+
+def _has_control_chars(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
+@dataclass
+class SweepConfig:
+    """Override sets, one run each: the cartesian product of ``grid`` with each entry of ``sets``."""
+
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # {model.loss: [minimax, non_saturating]}
+    sets: list[dict[str, Any]] = field(default_factory=list)  # [{optim.lr: 1.0e-4, train.seed: 1}, ...]
+
+    def __post_init__(self):
+        for key, values in self.grid.items():
+            _check(len(values) > 0, f"sweep.grid.{key}", "needs at least one value")
+
+
 @dataclass
 class JobConfig:
     family: str
@@ -125,8 +220,8 @@ class JobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=1000))
     log: LogConfig = field(default_factory=LogConfig)
-    launch: dict[str, Any] = field(default_factory=dict)
-    sweep: dict[str, Any] = field(default_factory=dict)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     eval: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -169,13 +264,18 @@ def apply_override(raw: dict, item: str) -> None:
     if "=" not in item:
         raise ConfigError("--set", f"{item!r}: expected key=value, e.g. train.steps=100")
     key, _, value = item.partition("=")
-    parts = key.strip().split(".")
+    set_key(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+
+
+def set_key(raw: dict, key: str, value: Any) -> None:
+    """raw["train"]["steps"] = value for key ``train.steps``, creating sections as needed."""
+    parts = key.split(".")
     node = raw
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(key, "cannot set a sub-key of a non-mapping value")
-    node[parts[-1]] = yaml.safe_load(value) if value.strip() else None
+    node[parts[-1]] = value
 
 
 def job_from_dict(raw: dict) -> JobConfig:

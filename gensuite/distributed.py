@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import signal
 import socket
 from typing import Any, Iterable
 
@@ -55,7 +56,7 @@ class Runtime:
         return self.accelerator.device
 
     def describe(self) -> str:
-        return (f"rank {self.rank}/{self.world_size} on {socket.gethostname()} "
+        return (f"rank {self.rank}/{self.world_size} on {node_name()} "
                 f"(local rank {self.accelerator.local_process_index}, device {self.device})")
 
     # -- models and optimisers --------------------------------------------------------------
@@ -111,6 +112,11 @@ class Runtime:
 
         return broadcast_object_list([obj])[0]
 
+    def any_across_ranks(self, flag: bool) -> bool:
+        if self.world_size == 1:
+            return flag
+        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), reduction="sum").item())
+
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
@@ -154,3 +160,42 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def launched_with_ranks() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def node_name() -> str:
+    """SLURM's name for this node (several slurmd may share one host), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+class StopRequest:
+    """Turns SLURM's signals into a flag the training loop polls between steps.
+
+    SIGUSR2 (SLURM's warning before the time limit or a preemption, sent with ``--signal``) asks for
+    checkpoint-and-requeue; SIGTERM (``scancel``, preemption) for checkpoint-and-exit. The loop
+    agrees on the flag across ranks, so every rank stops after the same step and the checkpoint
+    is written collectively; the previous handlers are kept for whoever requeues afterwards.
+    """
+
+    def __init__(self):
+        self.signal: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> StopRequest:
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = self.signal or signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    @property
+    def requeue(self) -> bool:
+        return self.signal == signal.SIGUSR2
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

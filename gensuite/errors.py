@@ -20,3 +20,13 @@ class TrainingDiverged(Exception):
     """A loss term became NaN or inf; the last good checkpoint is kept."""
 
     exit_code = 3
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after checkpointing at ``step``; the job can be resumed."""
+
+    exit_code = 4
+
+    def __init__(self, step: int, checkpoint, requeue: bool):
+        super().__init__(f"stopped by a signal at step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint, self.requeue = step, checkpoint, requeue

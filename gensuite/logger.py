@@ -31,8 +31,9 @@ def hparams_of(job: JobConfig) -> dict[str, Any]:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, job: JobConfig, enabled: bool):
+    def __init__(self, run_dir: Path, job: JobConfig, enabled: bool, origin: str = ""):
         self.run_dir, self.job, self.enabled = Path(run_dir), job, enabled
+        self.origin = origin or socket.gethostname()  # e.g. "node2 rank 1/2": who wrote a log line
         self.writer = None
         self.bar = None
         self.sums: dict[str, float] = {}
@@ -50,8 +51,13 @@ class RunLogger:
         return self.run_dir / "samples"
 
     def info(self, message: str) -> None:
+        """A log line from rank 0."""
         if self.enabled:
-            print(f"[gensuite {socket.gethostname()}] {message}", file=sys.stderr, flush=True)
+            self.say(message)
+
+    def say(self, message: str) -> None:
+        """A log line from this rank, whichever it is."""
+        print(f"[gensuite {self.origin}] {message}", file=sys.stderr, flush=True)
 
     def start(self, trainer, resumed: bool) -> None:
         if not self.enabled:

@@ -8,6 +8,7 @@ the contract in ``gensuite.registry``; subclasses may override the small ``*_ste
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import dataclass
@@ -23,8 +24,8 @@ from gensuite import checkpoint as ckpt
 from gensuite.config import JobConfig, OptimizerSpec, dump_yaml
 from gensuite.data.pipeline import ShardStream, make_loader, read_split, split_shards
 from gensuite.data.shards import data_spec, read_manifest
-from gensuite.distributed import Runtime, rng_state, seed_everything, set_rng_state
-from gensuite.errors import ConfigError, GensuiteError, TrainingDiverged
+from gensuite.distributed import Runtime, StopRequest, node_name, rng_state, seed_everything, set_rng_state
+from gensuite.errors import ConfigError, GensuiteError, Interrupted, TrainingDiverged
 from gensuite.logger import RunLogger
 from gensuite.registry import Family, Networks, Player, get_family
 
@@ -82,8 +83,10 @@ def set_trainable(module: nn.Module, trainable: bool) -> None:
 
 
 class Trainer:
-    def __init__(self, job: JobConfig, run_dir: str | Path, runtime: Runtime | None = None):
+    def __init__(self, job: JobConfig, run_dir: str | Path, runtime: Runtime | None = None,
+                 stop: StopRequest | None = None):
         self.job = job
+        self.stop = stop
         self.run_dir = Path(run_dir)
         self.rt = runtime or Runtime(job.train.precision)
         self.shard_dir = Path(job.data.root) / job.data.dataset
@@ -104,7 +107,8 @@ class Trainer:
         self._build_optimizers()
         self.step = 0
         self.consumed = 0  # micro-batches this rank has drawn: the data position
-        self.logger = RunLogger(self.run_dir, job, enabled=self.rt.is_main)
+        self.logger = RunLogger(self.run_dir, job, enabled=self.rt.is_main,
+                                origin=f"{node_name()} rank {self.rt.rank}/{self.rt.world_size}")
         # Each rank draws different noise, reproducibly.
         seed_everything((job.train.seed + 1) * 100_003 + self.rt.rank)
         self._resume()
@@ -227,9 +231,32 @@ class Trainer:
                 log.scalars(self.step, self._lrs())
             if self.step % job.train.sample_every == 0 or self.step == self.total_steps:
                 self.log_visuals(fixed, reference)
-            if self.step % job.train.checkpoint_every == 0 or self.step == self.total_steps:
+            saved = self.step % job.train.checkpoint_every == 0 or self.step == self.total_steps
+            if saved:
                 self.save()
+            if self.stop is not None and self.rt.any_across_ranks(self.stop.requested):
+                self._stop_on_signal(saved)
+        log.say(f"finished at step {self.step}; parameter checksum {self.parameter_checksum()}")
         return log.finish(self.step)
+
+    def parameter_checksum(self) -> str:
+        """sha256 of every network's parameters: equal on all ranks iff they hold bitwise-equal weights.
+
+        Buffers (BatchNorm statistics) are left out: DDP broadcasts rank 0's at each forward and
+        checkpoints hold rank 0's, but a frozen network's forward may update them locally."""
+        digest = hashlib.sha256()
+        for name in sorted(self.bare):
+            for key, value in sorted(self.bare[name].named_parameters()):
+                digest.update(key.encode())
+                digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def _stop_on_signal(self, saved: bool) -> None:
+        path = ckpt.latest_checkpoint(self.run_dir) if saved else self.save()
+        path = self.rt.broadcast_object(str(path))
+        self.logger.say(f"signal received; stopping after step {self.step} (checkpoint {path})")
+        requeue = self.rt.any_across_ranks(bool(self.stop.requeue))
+        raise Interrupted(self.step, path, requeue)
 
     def player_step(self, player: Player, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """One optimiser step of ``player`` over the accumulated micro-batches; others are frozen."""
@@ -338,14 +365,17 @@ def load_network(source: str, name: str) -> dict[str, torch.Tensor]:
     return state["networks"][name]
 
 
-def train(job: JobConfig, run_dir: str | Path) -> dict[str, float]:
-    """Run (or resume) a job; returns the final logged metrics on rank 0."""
+def train(job: JobConfig, run_dir: str | Path, stop: StopRequest | None = None) -> dict[str, float]:
+    """Run (or resume) a job; returns the final logged metrics on rank 0.
+
+    With ``stop``, a signal makes every rank checkpoint after the current step and raise
+    ``Interrupted`` (the SLURM task requeues on it)."""
     runtime = Runtime(job.train.precision)
     run_dir = Path(run_dir)
     if runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(job))
-    trainer = Trainer(job, run_dir, runtime)
+    trainer = Trainer(job, run_dir, runtime, stop)
     try:
         return trainer.run()
     finally:

@@ -1,17 +1,96 @@
 #!/usr/bin/env python
-"""``python launch/submit.py JOB.yaml [--set k=v] [--run-dir DIR]``: run a job.
+"""Run a job on SLURM (or locally where there is none).
 
-This first version runs the job locally in this process (what the command does on a machine
-without SLURM). Submission to SLURM through submitit, array sweeps and requeue are the next
-milestone; until then use ``gensuite train`` or ``accelerate launch -m gensuite.train`` directly.
+    python launch/submit.py JOB.yaml [--set key=value ...] [--run-dir DIR] [--dry-run] [--local]
+    python launch/submit.py --status RUN_ROOT
+
+The job's ``launch`` section sets the allocation, its ``sweep`` section the runs: one sbatch job,
+or one SLURM array with a task per override set, each task in ``RUN_ROOT/<overrides>``.
 """
 
+from __future__ import annotations
+
+import argparse
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gensuite.cli import main  # noqa: E402
+from gensuite.errors import GensuiteError  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="launch/submit.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("job", nargs="?", metavar="JOB.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a job field for every run, e.g. --set launch.partition=gpu")
+    p.add_argument("--run-dir", help="run root (default runs/<job name>); sweep runs go in sub-folders")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the runs; submit nothing")
+    p.add_argument("--local", action="store_true", help="run here even if SLURM is available")
+    p.add_argument("--status", metavar="RUN_ROOT", help="state, last step and last losses of each submitted run")
+    p.add_argument("--json", action="store_true", help="with --status: machine-readable output")
+    args = p.parse_args(argv)
+    if not args.job and not args.status:
+        p.error("give a job file, or --status RUN_ROOT")
+    return args
+
+
+def show_status(run_root: Path, as_json: bool) -> None:
+    from gensuite.slurm import status
+
+    rows = status(run_root)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        losses = "  ".join(f"{k}={v:.4g}" for k, v in sorted(row["metrics"].items()))
+        print(f"{row['job_id']:>12}  {row['state']:<11} step {row['step'] if row['step'] is not None else '-':>6}  "
+              f"{row['name']}  {losses}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.status:
+        show_status(Path(args.status), args.json)
+        return 0
+
+    from gensuite import slurm
+    from gensuite.config import load_job
+    from gensuite.sweep import expand
+
+    job = load_job(args.job, args.overrides)
+    job.data.root = str(Path(job.data.root).absolute())  # tasks may start in another directory
+    run_root = Path(args.run_dir or Path("runs") / job.name).absolute()
+    tasks = expand(job, run_root)
+    use_slurm = not args.local and slurm.slurm_available()
+
+    if args.dry_run:
+        print(slurm.sbatch_script(job, run_root, len(tasks)))
+        print(f"# {len(tasks)} run(s){'' if use_slurm else ' (no SLURM here: they would run locally)'}:")
+        for i, t in enumerate(tasks):
+            sets = " ".join(f"{k}={v}" for k, v in t.overrides.items())
+            print(f"#   [{i}] {t.run_dir}  {sets}".rstrip())
+        return 0
+
+    if not use_slurm:
+        slurm.run_locally(tasks)
+        print(f"view with: tensorboard --logdir {run_root}")
+        return 0
+
+    jobs = slurm.submit(job, tasks, run_root)
+    for task, j in zip(tasks, jobs):
+        print(f"submitted {j.job_id}  {task.name or job.name}")
+        print(f"    run dir: {task.run_dir}")
+        print(f"    log:     {str(j.paths.stdout).replace('%t', '0')}")
+    print(f"status:    python launch/submit.py --status {run_root}")
+    print(f"view with: tensorboard --logdir {run_root}")
+    return 0
+
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    try:
+        sys.exit(main())
+    except GensuiteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)

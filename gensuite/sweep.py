@@ -1,0 +1,68 @@
+"""A job plus its ``sweep`` section -> the list of runs it stands for, each with its own directory."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gensuite.config import JobConfig, job_from_dict, set_key
+from gensuite.errors import ConfigError
+
+
+@dataclass
+class SweepTask:
+    name: str  # "" for a job without a sweep
+    overrides: dict[str, Any]
+    job: JobConfig
+    run_dir: Path
+
+
+def override_sets(job: JobConfig) -> list[dict[str, Any]]:
+    """Every grid point combined with every explicit set (either may be absent)."""
+    grid = job.sweep.grid
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
+    sets = job.sweep.sets or [{}]
+    return [{**point, **extra} for point in points for extra in sets]
+
+
+def _format(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "-".join(_format(v) for v in value)
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", str(value))
+
+
+def task_name(overrides: dict[str, Any]) -> str:
+    """``loss=hinge,lr=0.0002``: the last part of each key unless two keys share it."""
+    last = [k.rsplit(".", 1)[-1] for k in overrides]
+    keys = [short if last.count(short) == 1 else full.replace(".", "_") for short, full in zip(last, overrides)]
+    return ",".join(f"{k}={_format(v)}" for k, v in zip(keys, overrides.values()))
+
+
+def expand(job: JobConfig, run_root: Path) -> list[SweepTask]:
+    """One validated job per override set; run directories under ``run_root`` named after the overrides."""
+    sets = override_sets(job)
+    base = job.to_dict()
+    base["sweep"] = {}
+    tasks = []
+    for i, overrides in enumerate(sets):
+        raw = copy.deepcopy(base)
+        where = "sweep.grid" if overrides.keys() <= job.sweep.grid.keys() else f"sweep.sets[{i}]"
+        for key, value in overrides.items():
+            if key.split(".")[0] in ("sweep", "launch", "name"):
+                raise ConfigError(f"{where}.{key}", "a sweep varies training settings, not launch, sweep or name")
+            set_key(raw, key, value)
+        try:
+            task_job = job_from_dict(raw)
+        except ConfigError as e:  # name where the bad value came from
+            raise ConfigError(where, str(e)) from None
+        name = task_name(overrides) if len(sets) > 1 else ""
+        tasks.append(SweepTask(name, overrides, task_job, run_root / name if name else run_root))
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ConfigError("sweep", f"two runs would share the directory {dup!r}; make the override sets distinct")
+    return tasks

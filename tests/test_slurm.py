@@ -1,0 +1,167 @@
+"""``launch/submit.py`` against a real two-node SLURM cluster on 127.0.0.1 (see slurm_cluster.py)."""
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gensuite import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBMIT = [sys.executable, str(ROOT / "launch" / "submit.py")]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    from slurm_cluster import LocalSlurm, ensure_installed
+
+    reason = ensure_installed()
+    if reason:
+        pytest.fail(reason)  # a missing cluster is a failure, never a silent skip
+    c = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
+    yield c
+    c.stop()
+
+
+def write_job(path: Path, shard_root: Path, **sections) -> Path:
+    job = {"family": "gan", "flavor": "debug",
+           "data": {"dataset": "digits", "root": str(shard_root), "shuffle_buffer": 64},
+           "train": {"steps": 20, "batch_size": 16, "log_every": 5, "sample_every": 10, "checkpoint_every": 10},
+           "log": {"grid_size": 16, "progress_bar": False},
+           "launch": {"cpus_per_task": 1, "timeout_min": 10}}
+    for key, value in sections.items():
+        job.setdefault(key, {}).update(value)
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
+def submit(cluster, *args, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([*SUBMIT, *map(str, args)], env=cluster.env, cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+def wait_for(cluster, run_root: Path, timeout: float) -> dict:
+    record = json.loads((run_root / "submission.json").read_text())
+    ids = {t["job_id"].split("_")[0] for t in record["tasks"]}
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        out = subprocess.run(["squeue", "-h", "-o", "%i %r", "-j", ",".join(ids)], env=cluster.env,
+                             capture_output=True, text=True).stdout
+        if not out.strip():
+            return record
+        for line in out.splitlines():
+            job_id, reason = line.split(maxsplit=1)
+            if reason == "BeginTime":  # SLURM holds a requeued job for 2 minutes; release it to save CI time
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=cluster.env,
+                               capture_output=True)
+        time.sleep(2)
+    pytest.fail(f"jobs {ids} still queued after {timeout}s\n{cluster.logs()}")
+
+
+def scalar_steps(run_dir: Path, tag: str) -> list[int]:
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def task_logs(record: dict, task: int = 0) -> str:
+    out = Path(record["tasks"][task]["stdout"])
+    return out.read_text() + out.with_suffix(".err").read_text()
+
+
+def test_sweep_runs_as_one_array(cluster, shard_root, tmp_path):
+    job = write_job(tmp_path / "sweep.yaml", shard_root, sweep={"grid": {"train.seed": [1, 2, 3]}},
+                    launch={"array_parallelism": 2})
+    r = submit(cluster, job, "--run-dir", tmp_path / "runs", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "tensorboard --logdir" in r.stdout
+    record = wait_for(cluster, tmp_path / "runs", 300)
+    ids = [t["job_id"] for t in record["tasks"]]
+    assert len({i.split("_")[0] for i in ids}) == 1 and sorted(i.split("_")[1] for i in ids) == ["0", "1", "2"]
+    seeds, checksums = [], []
+    for task in record["tasks"]:
+        run_dir = Path(task["run_dir"])
+        assert run_dir.name == f"seed={task['overrides']['train.seed']}"
+        assert ckpt.load_checkpoint(ckpt.latest_checkpoint(run_dir))["step"] == 20
+        assert scalar_steps(run_dir, "D/loss") == [5, 10, 15, 20]
+        seeds.append(yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["seed"])
+        checksums.append(re.search(r"parameter checksum (\w+)", task_logs(record, ids.index(task["job_id"])))[1])
+    assert seeds == [1, 2, 3]
+    assert len(set(checksums)) == 3  # different seeds really trained different models
+
+    status = submit(cluster, "--status", tmp_path / "runs", "--json", cwd=tmp_path)
+    rows = json.loads(status.stdout)
+    assert [r["state"] for r in rows] == ["COMPLETED"] * 3 and [r["step"] for r in rows] == [20] * 3
+
+
+def test_two_nodes_train_with_ddp_over_gloo(cluster, shard_root, tmp_path):
+    job = write_job(tmp_path / "ddp.yaml", shard_root, launch={"nodes": 2, "tasks_per_node": 1})
+    r = submit(cluster, job, "--run-dir", tmp_path / "run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    record = wait_for(cluster, tmp_path / "run", 300)
+    folder = Path(record["log_folder"])
+    job_id = record["tasks"][0]["job_id"]
+    logs = [(folder / f"{job_id}_{rank}_log.err").read_text() for rank in (0, 1)]
+    found = [re.search(r"\[gensuite (node\d) rank (\d)/(\d)\] finished at step 20; parameter checksum (\w+)", log)
+             for log in logs]
+    assert all(found), logs
+    assert [(m[1], m[2], m[3]) for m in found] == [("node1", "0", "2"), ("node2", "1", "2")]
+    assert found[0][4] == found[1][4]  # both ranks hold bitwise-identical parameters
+    assert "global batch 16 = 2 ranks x 1 x 8" in logs[0]
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))["data"]["world_size"] == 2
+
+
+def test_timeout_checkpoints_requeues_and_finishes(cluster, shard_root, tmp_path):
+    # About 2.5 minutes of work under a 1-minute limit: SLURM's USR2 warning makes every rank
+    # checkpoint after the current step, submitit requeues, and the run resumes from that step.
+    job = write_job(tmp_path / "long.yaml", shard_root, model={"architecture": "dcgan", "ngf": 32, "ndf": 32},
+                    train={"steps": 5000, "batch_size": 64, "log_every": 25, "sample_every": 10_000,
+                           "checkpoint_every": 10_000},
+                    launch={"timeout_min": 1, "max_requeues": 10})
+    r = submit(cluster, job, "--run-dir", tmp_path / "run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    record = wait_for(cluster, tmp_path / "run", 900)
+    logs = task_logs(record)
+    resumes = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", logs)]
+    assert len(resumes) >= 1, logs[-3000:]
+    assert "finished at step 5000" in logs
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))["step"] == 5000
+    # Each stop checkpoints exactly where it stopped: no logged step is missing or repeated.
+    assert scalar_steps(tmp_path / "run", "G/loss") == list(range(25, 5001, 25))
+
+
+def test_dry_run_prints_sbatch_lines_and_refuses_injection(shard_root, tmp_path):
+    job = write_job(tmp_path / "job.yaml", shard_root, launch={
+        "partition": "gpu", "account": "proj-42", "qos": "high", "nodes": 2, "gpus_per_node": 4,
+        "cpus_per_task": 8, "mem_gb": 64, "timeout_min": 120, "constraint": "a100&ib", "exclusive": True,
+        "setup": ["module load cuda/12.1"], "sbatch_args": {"mail-type": "END"}},
+        sweep={"grid": {"model.loss": ["minimax", "non_saturating"]}, "sets": [{"optim.lr": 1e-4}, {"optim.lr": 2e-4}]})
+    r = subprocess.run([*SUBMIT, str(job), "--dry-run", "--run-dir", str(tmp_path / "r")], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    for line in ["#SBATCH --partition=gpu", "#SBATCH --account=proj-42", "#SBATCH --qos=high", "#SBATCH --nodes=2",
+                 "#SBATCH --ntasks-per-node=4", "#SBATCH --gpus-per-node=4", "#SBATCH --cpus-per-task=8",
+                 "#SBATCH --mem=64GB", "#SBATCH --time=120", "#SBATCH --constraint='a100&ib'",
+                 "#SBATCH --exclusive", "#SBATCH --array=0-3%4", "#SBATCH --signal=USR2@90", "#SBATCH --requeue",
+                 "#SBATCH --mail-type=END", "module load cuda/12.1"]:
+        assert line in r.stdout.splitlines(), line
+    runs = re.findall(r"^#   \[\d\] (\S+)", r.stdout, re.M)
+    assert [Path(p).name for p in runs] == ["loss=minimax,lr=0.0001", "loss=minimax,lr=0.0002",
+                                            "loss=non_saturating,lr=0.0001", "loss=non_saturating,lr=0.0002"]
+
+    for bad in ["gpu;rm -rf ~", "gpu\nrm -rf ~", "$(reboot)"]:
+        write_job(job, shard_root, launch={"partition": bad})
+        r = subprocess.run([*SUBMIT, str(job), "--dry-run"], capture_output=True, text=True)
+        assert r.returncode == 2 and "Traceback" not in r.stderr
+        assert r.stderr.startswith("error: launch.partition:") and len(r.stderr.strip().splitlines()) == 1
+    write_job(job, shard_root, launch={"partition": "gpu", "setup": ["echo ok\nrm -rf ~"]})
+    r = subprocess.run([*SUBMIT, str(job), "--dry-run"], capture_output=True, text=True)
+    assert r.returncode == 2 and "launch.setup[0]" in r.stderr
