@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,21 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step-{step:08d}.pt"
+
+
+def sharded_dir(path: Path) -> Path:
+    """Per-rank files (DeepSpeed's optimizer partitions) of checkpoint ``path``; they count only once
+    ``path`` itself exists, so an interrupted write is never resumed from."""
+    return path.parent / "sharded" / path.stem
+
+
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int) -> Path:
     """Write to a temporary file, fsync, then rename: a crash never leaves a half-written checkpoint."""
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"step-{step:08d}.pt"
+    final = checkpoint_path(run_dir, step)
     tmp = folder / f".{final.name}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -50,6 +61,7 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     _fsync_dir(folder)
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
+        shutil.rmtree(sharded_dir(old), ignore_errors=True)
     return final
 
 

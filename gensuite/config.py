@@ -80,9 +80,14 @@ class EmaConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: Literal[1, 2, 3] = 2
-    offload_optimizer: bool = False  # optimizer states in CPU memory (DeepSpeedCPUAdam)
-    offload_params: bool = False  # ZeRO-3 only: parameters in CPU memory
+    # ZeRO-1 partitions optimizer states across ranks, ZeRO-2 also gradients. ZeRO-3 (partitioned
+    # parameters) is refused: sample grids, EMA and checkpoints here need whole parameters on rank 0.
+    zero_stage: int = 2
+    offload_optimizer: bool = False  # optimizer states and their update in CPU memory
+
+    def __post_init__(self):
+        _check(self.zero_stage in (1, 2), "train.deepspeed.zero_stage",
+               f"{self.zero_stage} is not supported; use 1 (optimizer states) or 2 (also gradients)")
 
 
 @dataclass
@@ -103,8 +108,6 @@ class TrainConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # used when strategy is deepspeed
 
     def __post_init__(self):
-        _check(not self.deepspeed.offload_params or self.deepspeed.zero_stage == 3, "train.deepspeed.offload_params",
-               "needs zero_stage: 3 (stages 1 and 2 keep full parameters on every rank)")
         _check((self.steps is None) != (self.epochs is None), "train.steps",
                "give exactly one of train.steps or train.epochs")
         _check(self.steps is None or self.steps >= 1, "train.steps", "must be >= 1")

@@ -124,6 +124,51 @@ class Runtime:
         self.accelerator.end_training()
 
 
+# -- DeepSpeed ------------------------------------------------------------------------------------
+# Driven directly (deepspeed.initialize), not through Accelerate's plugin: Accelerate 1.15's plugin
+# refuses to start unless `transformers` is importable, and a GAN needs one engine per player.
+
+
+def deepspeed_config(stage: int, offload_optimizer: bool, micro: int, accumulation: int,
+                     world_size: int, grad_clip: float | None) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": stage}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro * accumulation * world_size,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # our own torch.optim optimisers, ZeRO-partitioned
+        "zero_force_ds_cpu_optimizer": False,  # offloaded states step with torch's Adam on CPU
+        "gradient_clipping": grad_clip or 0.0,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def deepspeed_engine(modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer, config: dict[str, Any]):
+    """One engine over one player's networks; they stay callable by name through ``engine.module``."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not torch.distributed.is_initialized():  # one process without a launcher: a group of one
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=nn.ModuleDict(modules), optimizer=optimizer, config=config)
+    return engine
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 # -- seeding and RNG state (per rank) ----------------------------------------------------------
 
 

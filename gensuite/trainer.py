@@ -24,7 +24,8 @@ from gensuite import checkpoint as ckpt
 from gensuite.config import JobConfig, OptimizerSpec, dump_yaml
 from gensuite.data.pipeline import ShardStream, make_loader, read_split, split_shards
 from gensuite.data.shards import data_spec, read_manifest
-from gensuite.distributed import Runtime, StopRequest, node_name, rng_state, seed_everything, set_rng_state
+from gensuite.distributed import (Runtime, StopRequest, deepspeed_config, deepspeed_engine, node_name, rng_state,
+                                  seed_everything, set_rng_state)
 from gensuite.errors import ConfigError, GensuiteError, Interrupted, TrainingDiverged
 from gensuite.logger import RunLogger
 from gensuite.registry import Family, Networks, Player, get_family
@@ -130,22 +131,35 @@ class Trainer:
             raise ConfigError("train.ema.networks", f"unknown network {unknown[0]!r}; this family has "
                                                     f"{', '.join(nets)}")
         self.bare = nets  # unwrapped modules: checkpoints, frozen views, sampling
+        self.deepspeed = self.job.train.strategy == "deepspeed"
+        if self.deepspeed and self.job.train.precision != "no":
+            raise ConfigError("train.precision", "strategy deepspeed runs in full precision here; "
+                                                 "use precision: no, or strategy: ddp for bf16/fp16")
         self.ema = {
             n: AveragedModel(nets[n], multi_avg_fn=get_ema_multi_avg_fn(self.job.train.ema.decay), use_buffers=True)
             .to(self.rt.device).eval()
             for n in self.job.train.ema.networks
         }
-        self.modules = {n: self.rt.prepare_module(m) for n, m in nets.items()}
+        # DeepSpeed engines (one per player, built with the optimisers) do their own reductions.
+        self.modules = dict(nets) if self.deepspeed else {n: self.rt.prepare_module(m) for n, m in nets.items()}
 
     def _build_optimizers(self) -> None:
-        self.optimizers, self.schedulers, self.optim_specs = {}, {}, {}
+        self.optimizers, self.schedulers, self.optim_specs, self.engines = {}, {}, {}, {}
         for p in self.players:
             spec = self.job.optim.for_player(p.name)
             params = [q for n in p.networks for q in self.modules[n].parameters()]
-            opt = self.rt.prepare_optimizer(build_optimizer(params, spec))
-            self.optimizers[p.name], self.optim_specs[p.name] = opt, spec
+            opt = build_optimizer(params, spec)
             # Not prepared by Accelerate: its scheduler wrapper steps once per process.
-            self.schedulers[p.name] = torch.optim.lr_scheduler.LambdaLR(opt.optimizer, lr_factor(spec, self.total_steps))
+            self.schedulers[p.name] = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(spec, self.total_steps))
+            if self.deepspeed:
+                ds = self.job.train.deepspeed
+                config = deepspeed_config(ds.zero_stage, ds.offload_optimizer, self.plan.micro,
+                                          self.plan.accumulation, self.rt.world_size, spec.grad_clip)
+                self.engines[p.name] = deepspeed_engine({n: self.modules[n] for n in p.networks}, opt, config)
+                opt = self.engines[p.name].optimizer
+            else:
+                opt = self.rt.prepare_optimizer(opt)
+            self.optimizers[p.name], self.optim_specs[p.name] = opt, spec
         unknown = set(self.job.optim.players) - set(self.optimizers)
         if unknown:
             raise ConfigError(f"optim.players.{sorted(unknown)[0]}",
@@ -166,12 +180,23 @@ class Trainer:
             if saved[key] != getattr(self.job, key):
                 raise GensuiteError(f"{path}: checkpoint is a {saved['family']}/{saved['flavor']} run, the job is "
                                     f"{self.job.family}/{self.job.flavor}; use another --run-dir or train.resume: never")
+        saved_strategy = state.get("strategy", "ddp")
+        if saved_strategy != self.job.train.strategy or (
+                self.deepspeed and state["data"]["world_size"] != self.rt.world_size):
+            raise GensuiteError(f"{path}: written by a {saved_strategy} run on {state['data']['world_size']} ranks; "
+                                f"resume it with the same train.strategy"
+                                + (" and rank count (ZeRO partitions the optimizer by rank)" if self.deepspeed else ""))
         for name, module in self.bare.items():
             module.load_state_dict(state["networks"][name])
         for name, avg in self.ema.items():
             avg.load_state_dict(state["ema"][name])
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
+            if self.deepspeed:  # each rank's optimizer partition, from DeepSpeed's own files
+                self.engines[name].load_checkpoint(str(ckpt.sharded_dir(path)), tag=name,
+                                                   load_module_strict=True, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=False)
+            else:
+                opt.load_state_dict(state["optimizers"][name])
             self.schedulers[name].load_state_dict(state["schedulers"][name])
         scaler = self.rt.accelerator.scaler
         if scaler is not None and state.get("scaler"):
@@ -266,18 +291,26 @@ class Trainer:
         view = Networks({n: self.modules[n] if n in active else self.bare[n] for n in self.bare},
                         {n: avg.module for n, avg in self.ema.items()})
         opt = self.optimizers[player.name]
-        opt.zero_grad(set_to_none=True)
+        engine = self.engines.get(player.name)
+        if engine is None:
+            opt.zero_grad(set_to_none=True)
         sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             with self.rt.no_sync([] if last else [self.modules[n] for n in active]):
                 with self.rt.autocast():
                     terms = self.family.loss(player.name, view, batch, self.step)
-                self.rt.backward(terms["loss"] / len(batches))
+                if engine is None:
+                    self.rt.backward(terms["loss"] / len(batches))
+                else:  # the engine divides by the accumulation steps and reduces partitioned gradients
+                    engine.backward(terms["loss"])
+                    if not last:
+                        engine.step()  # only counts the micro-step; the update happens at the boundary
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v.detach().float() / len(batches)
-        params = [p for n in player.networks for p in self.modules[n].parameters()]
-        grad_norm = self.rt.clip_grad_norm(opt, params, self.optim_specs[player.name].grad_clip)
+        if engine is None:
+            params = [p for n in player.networks for p in self.modules[n].parameters()]
+            grad_norm = self.rt.clip_grad_norm(opt, params, self.optim_specs[player.name].grad_clip)
         names = list(sums)
         values = self.rt.mean_across_ranks(torch.stack([sums[k] for k in names]))
         bad = [k for k, v in zip(names, values.tolist()) if not math.isfinite(v)]
@@ -286,7 +319,11 @@ class Trainer:
             raise TrainingDiverged(f"step {self.step}: loss term {player.name}/{bad[0]} is "
                                    f"{values[names.index(bad[0])].item()}; stopped; last good checkpoint: "
                                    f"{latest or 'none yet'}")
-        opt.step()
+        if engine is None:
+            opt.step()
+        else:  # clips (gradient_clipping), steps and zeroes the gradients
+            engine.step()
+            grad_norm = torch.tensor(float(engine.get_global_grad_norm() or 0.0))
         self.schedulers[player.name].step()
         out = dict(zip(names, values))
         out["grad_norm"] = grad_norm.detach().float()
@@ -330,7 +367,9 @@ class Trainer:
             "config": self.job.to_dict(),
             "networks": {n: m.state_dict() for n, m in self.bare.items()},
             "ema": {n: avg.state_dict() for n, avg in self.ema.items()},
-            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+            # Under DeepSpeed each rank's optimizer partition lives in checkpoints/sharded/<step>/.
+            "optimizers": {} if self.deepspeed else {n: o.state_dict() for n, o in self.optimizers.items()},
+            "strategy": self.job.train.strategy,
             "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
             "scaler": scaler.state_dict() if scaler is not None else {},
             "family": self.family.state_dict(),
@@ -341,6 +380,11 @@ class Trainer:
 
     def save(self) -> Path | None:
         rngs = self.rt.gather_object(rng_state())  # every rank's RNG, so each resumes its own stream
+        if self.deepspeed:  # collective; written before the step file that makes the checkpoint count
+            folder = ckpt.sharded_dir(ckpt.checkpoint_path(self.run_dir, self.step))
+            for name, engine in self.engines.items():
+                engine.save_checkpoint(str(folder), tag=name, save_latest=False)
+            self.rt.barrier()
         path = None
         if self.rt.is_main:
             path = ckpt.save_checkpoint(self.run_dir, self.step, self.state(rngs), self.job.train.keep_checkpoints)
