@@ -19,11 +19,15 @@ def cmd_validate(args) -> int:
     from gensuite.config import load_job
     from gensuite.data.shards import read_manifest
 
+    from gensuite.sweep import expand
+
     for path in args.jobs:
         job = load_job(path, args.overrides)
+        runs = expand(job, default_run_dir(job))  # every sweep task is a valid job too
         if args.data:
             read_manifest(Path(job.data.root) / job.data.dataset)
-        print(f"ok  {path}  ({job.family}/{job.flavor} on {job.data.dataset})")
+        sweep = f", sweep of {len(runs)} runs" if len(runs) > 1 else ""
+        print(f"ok  {path}  ({job.family}/{job.flavor} on {job.data.dataset}{sweep})")
     return 0
 
 

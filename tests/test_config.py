@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gensuite.config import load_job
+from gensuite.config import job_from_dict, load_job
 from gensuite.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,3 +119,67 @@ def test_summary_prints_architectures_and_parameter_counts(tmp_path):
     assert "ConvTranspose2d" in report["networks"]["G"]["architecture"]
     text = cli("summary", ROOT / "jobs" / "vae_mnist.yaml")
     assert text.returncode == 0 and "== encoder:" in text.stdout and "total:" in text.stdout
+
+
+# -- launch and sweep sections ------------------------------------------------------------------
+
+def _job(**sections):
+    raw = {"family": "gan", "flavor": "debug", "name": "j", "train": {"steps": 4}}
+    raw.update(sections)
+    return job_from_dict(raw)
+
+
+def test_sweep_expands_grid_times_sets_with_named_run_dirs(tmp_path):
+    from gensuite.sweep import expand
+
+    job = _job(sweep={"grid": {"model.loss": ["minimax", "non_saturating"], "optim.lr": [1e-4, 2e-4]},
+                      "sets": [{"train.seed": 0}, {"train.seed": 1}]})
+    tasks = expand(job, tmp_path)
+    assert len(tasks) == 8
+    assert tasks[0].run_dir == tmp_path / "loss=minimax,lr=0.0001,seed=0"
+    assert tasks[-1].run_dir == tmp_path / "loss=non_saturating,lr=0.0002,seed=1"
+    assert [(t.job.model.loss, t.job.optim.lr, t.job.train.seed) for t in tasks[:3]] == [
+        ("minimax", 1e-4, 0), ("minimax", 1e-4, 1), ("minimax", 2e-4, 0)]
+    assert all(t.job.sweep.grid == {} for t in tasks)
+    assert expand(_job(), tmp_path)[0].run_dir == tmp_path  # no sweep: the run root itself
+
+
+def test_sweep_errors_name_their_source(tmp_path):
+    from gensuite.sweep import expand
+
+    with pytest.raises(ConfigError, match=r"^sweep.grid: model.loss: unknown loss 'hinj'"):
+        expand(_job(sweep={"grid": {"model.loss": ["hinj"]}}), tmp_path)
+    with pytest.raises(ConfigError, match=r"^sweep.sets\[1\]: train.setps: unknown key; did you mean train.steps"):
+        expand(_job(sweep={"sets": [{"train.seed": 1}, {"train.setps": 3}]}), tmp_path)
+    with pytest.raises(ConfigError, match="share the directory"):
+        expand(_job(sweep={"sets": [{"train.seed": 1}, {"train.seed": 1}]}), tmp_path)
+    with pytest.raises(ConfigError, match="not launch"):
+        expand(_job(sweep={"grid": {"launch.nodes": [1, 2]}}), tmp_path)
+
+
+@pytest.mark.parametrize("launch, message", [
+    ({"partition": "gpu;reboot"}, "launch.partition: 'gpu;reboot' is refused"),
+    ({"account": "a\nb"}, "launch.account"),
+    ({"qos": "$(id)"}, "launch.qos"),
+    ({"constraint": "a100`id`"}, "launch.constraint"),
+    ({"setup": ["module load x\nrm -rf ~"]}, r"launch.setup\[0\]"),
+    ({"sbatch_args": {"mail type": "END"}}, "launch.sbatch_args.mail type"),
+    ({"sbatch_args": {"comment": "a\nb"}}, "launch.sbatch_args.comment"),
+    ({"nodes": 0}, "launch.nodes: must be >= 1"),
+    ({"timeout_min": 1, "signal_delay_s": 90}, "launch.signal_delay_s"),
+    ({"partion": "gpu"}, "launch.partion: unknown key; did you mean launch.partition"),
+])
+def test_launch_values_are_checked(launch, message):
+    with pytest.raises(ConfigError, match=message):
+        _job(launch=launch)
+
+
+def test_launch_defaults_and_derived_values():
+    job = _job(launch={"nodes": 2, "gpus_per_node": 4, "timeout_min": 1})
+    assert (job.launch.ranks_per_node, job.launch.world_size, job.launch.signal_delay) == (4, 8, 30)
+    assert _job().launch.world_size == 1 and _job().launch.signal_delay == 90
+
+
+def test_deepspeed_stage_3_is_refused_with_a_fix():
+    with pytest.raises(ConfigError, match="train.deepspeed.zero_stage: 3 is not supported; use 1"):
+        _job(train={"steps": 4, "strategy": "deepspeed", "deepspeed": {"zero_stage": 3}})

@@ -1,0 +1,91 @@
+"""Weak scaling on the local two-node SLURM cluster: the same debug job on 1 node vs 2 nodes (gloo).
+
+Each rank keeps the same per-rank batch, so 2 nodes process twice the global batch per step.
+Efficiency = throughput(2 nodes) / (2 x throughput(1 node)); target >= 0.90. Throughput is the
+median of the run's logged ``perf/samples_per_sec`` after warm-up. Both runs go through
+``launch/submit.py`` on the same cluster in the same invocation; they alternate ``--rounds`` times.
+
+Needs root (it starts munged, slurmctld and two slurmd, installing slurm-wlm when missing).
+Note the two "nodes" share this machine's cores: one CPU thread per rank keeps that fair.
+
+    python benchmarks/scaling.py [--steps 300] [--batch 32] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the local cluster harness the launcher tests use
+
+from slurm_cluster import LocalSlurm, ensure_installed  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+from gensuite.data.shards import build  # noqa: E402
+
+
+def run(cluster: LocalSlurm, work: Path, shards: Path, nodes: int, args) -> float:
+    job = {"family": "gan", "flavor": "debug", "name": f"scale{nodes}",
+           "model": {"architecture": "dcgan", "ngf": 32, "ndf": 32},
+           "data": {"dataset": "digits", "root": str(shards), "shuffle_buffer": 256},
+           "train": {"steps": args.steps, "batch_size": args.batch * nodes, "log_every": max(5, args.steps // 15),
+                     "sample_every": 10**6, "checkpoint_every": 10**6, "resume": "never"},
+           "log": {"grid_size": 16, "progress_bar": False},
+           "launch": {"nodes": nodes, "tasks_per_node": 1, "cpus_per_task": 1, "timeout_min": 30}}
+    path = work / f"scale{nodes}.yaml"
+    path.write_text(yaml.safe_dump(job))
+    run_dir = work / f"run{nodes}-{time.time_ns()}"
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "submit.py"), str(path), "--run-dir", str(run_dir)],
+                         env=cluster.env, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr)
+    job_id = json.loads((run_dir / "submission.json").read_text())["tasks"][0]["job_id"]
+    while subprocess.run(["squeue", "-h", "-j", job_id], env=cluster.env, capture_output=True,
+                         text=True).stdout.strip():
+        time.sleep(1)
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    rates = [e.value for e in acc.Scalars("perf/samples_per_sec")][2:-1]  # skip warm-up and the last
+    return statistics.median(rates)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=32, help="per-rank batch")
+    p.add_argument("--rounds", type=int, default=2)
+    args = p.parse_args()
+    reason = ensure_installed()
+    if reason:
+        raise SystemExit(reason)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        build("digits", None, str(work / "shards"), size=16, progress=False)
+        cluster = LocalSlurm(work / "slurm").start()
+        try:
+            one, two = [], []
+            for _ in range(args.rounds):
+                one.append(run(cluster, work, work / "shards", 1, args))
+                two.append(run(cluster, work, work / "shards", 2, args))
+        finally:
+            cluster.stop()
+    t1, t2 = statistics.median(one), statistics.median(two)
+    print(f"weak scaling, DCGAN debug 16x16, per-rank batch {args.batch}, gloo, {args.steps} steps, "
+          f"{args.rounds} rounds")
+    print(f"1 node  x 1 rank : {t1:9.1f} samples/s   (rounds: {', '.join(f'{v:.0f}' for v in one)})")
+    print(f"2 nodes x 1 rank : {t2:9.1f} samples/s   (rounds: {', '.join(f'{v:.0f}' for v in two)})")
+    print(f"efficiency       : {t2 / (2 * t1):9.3f}   (target >= 0.90)")
+
+
+if __name__ == "__main__":
+    main()
