@@ -8,7 +8,7 @@ median of the run's logged ``perf/samples_per_sec`` after warm-up. Both runs go 
 Needs root (it starts munged, slurmctld and two slurmd, installing slurm-wlm when missing).
 Note the two "nodes" share this machine's cores: one CPU thread per rank keeps that fair.
 
-    python benchmarks/scaling.py [--steps 300] [--batch 32] [--rounds 2]
+    python benchmarks/scaling.py [--steps 150] [--batch 256] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def run(cluster: LocalSlurm, work: Path, shards: Path, nodes: int, args) -> floa
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch", type=int, default=32, help="per-rank batch")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch", type=int, default=256, help="per-rank batch")
     p.add_argument("--rounds", type=int, default=2)
     args = p.parse_args()
     reason = ensure_installed()

@@ -134,8 +134,12 @@ class TrainTask(submitit.helpers.Checkpointable):
         from gensuite.trainer import train
 
         export_distributed_env()
-        if os.environ.get("SLURM_CPUS_PER_TASK"):
-            torch.set_num_threads(int(os.environ["SLURM_CPUS_PER_TASK"]))
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus:
+            # One thread per allocated CPU. OMP_NUM_THREADS too: without it Accelerate resets the
+            # thread count to the node's cores / local ranks, oversubscribing shared nodes.
+            os.environ.setdefault("OMP_NUM_THREADS", cpus)
+            torch.set_num_threads(int(cpus))
         job = job_from_dict(job_dict)
         stop = StopRequest().install()
         try:
