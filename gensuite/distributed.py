@@ -228,7 +228,17 @@ class StopRequest:
     def install(self) -> StopRequest:
         for sig in (signal.SIGUSR2, signal.SIGTERM):
             self.previous[sig] = signal.signal(sig, self._handle)
+        import sys
+
+        entry = sys.modules.get("gensuite.slurm_entry")
+        for signum in getattr(entry, "received", []):  # arrived while the task was still starting
+            self._handle(signum, None)
         return self
+
+    def ignore_further(self) -> None:
+        """Once stopping, a repeated warning must not interrupt the checkpoint or the requeue."""
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
 
     def _handle(self, signum, frame) -> None:
         self.signal = self.signal or signum

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -25,6 +26,8 @@ from gensuite.errors import GensuiteError, Interrupted
 from gensuite.sweep import SweepTask
 
 SUBMISSION_FILE = "submission.json"
+# What each task runs before submitit's own entry point (see gensuite/slurm_entry.py).
+ENTRY = f"{shlex.quote(sys.executable)} -m gensuite.slurm_entry"
 
 
 def slurm_available() -> bool:
@@ -67,7 +70,7 @@ def sbatch_script(job: JobConfig, run_root: Path, n_tasks: int) -> str:
     from submitit.slurm.slurm import _make_sbatch_string  # the text SlurmExecutor itself submits
 
     folder = log_folder(job, run_root)
-    command = f"{sys.executable} -u -m submitit.core._submit {folder}"
+    command = f"{ENTRY} -u -m submitit.core._submit {shlex.quote(str(folder))}"
     return _make_sbatch_string(command=command, folder=folder, map_count=n_tasks if n_tasks > 1 else None,
                                **sbatch_parameters(job.launch, job.name))
 
@@ -75,7 +78,7 @@ def sbatch_script(job: JobConfig, run_root: Path, n_tasks: int) -> str:
 def submit(job: JobConfig, tasks: list[SweepTask], run_root: Path) -> list[submitit.Job]:
     """One sbatch job, or one array for a sweep; writes ``<run root>/submission.json``."""
     folder = log_folder(job, run_root)
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=job.launch.max_requeues)
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=job.launch.max_requeues, python=ENTRY)
     executor.update_parameters(**sbatch_parameters(job.launch, job.name))
     payloads = [t.job.to_dict() for t in tasks]
     run_dirs = [str(t.run_dir) for t in tasks]
@@ -148,7 +151,7 @@ class TrainTask(submitit.helpers.Checkpointable):
             if not e.requeue:
                 raise
             submitit_handler = stop.previous.get(stop.signal)
-            stop.uninstall()
+            stop.ignore_further()
             # submitit's own handler: on rank 0 it calls checkpoint() below, requeues and exits;
             # other ranks return from it and wait for SLURM to end the step.
             if callable(submitit_handler):

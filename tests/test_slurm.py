@@ -125,7 +125,7 @@ def test_timeout_checkpoints_requeues_and_finishes(cluster, shard_root, tmp_path
     job = write_job(tmp_path / "long.yaml", shard_root, model={"architecture": "dcgan", "ngf": 32, "ndf": 32},
                     train={"steps": 5000, "batch_size": 64, "log_every": 25, "sample_every": 10_000,
                            "checkpoint_every": 10_000},
-                    launch={"timeout_min": 1, "max_requeues": 10})
+                    launch={"timeout_min": 1, "max_requeues": 30})
     r = submit(cluster, job, "--run-dir", tmp_path / "run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     record = wait_for(cluster, tmp_path / "run", 900)
@@ -136,6 +136,25 @@ def test_timeout_checkpoints_requeues_and_finishes(cluster, shard_root, tmp_path
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))["step"] == 5000
     # Each stop checkpoints exactly where it stopped: no logged step is missing or repeated.
     assert scalar_steps(tmp_path / "run", "G/loss") == list(range(25, 5001, 25))
+
+
+def test_max_requeues_is_honoured(cluster, shard_root, tmp_path):
+    # max_requeues: 0 -> the first time-limit warning still checkpoints, but the job ends there.
+    job = write_job(tmp_path / "once.yaml", shard_root, model={"architecture": "dcgan", "ngf": 32, "ndf": 32},
+                    train={"steps": 5000, "batch_size": 64, "log_every": 25, "sample_every": 10_000,
+                           "checkpoint_every": 10_000},
+                    launch={"timeout_min": 1, "max_requeues": 0})
+    r = submit(cluster, job, "--run-dir", tmp_path / "run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    record = wait_for(cluster, tmp_path / "run", 300)
+    logs = task_logs(record)
+    assert "timed-out too many times" in logs
+    assert logs.count("steps 0->5000") == 1 and "resumed from" not in logs  # started once, never requeued
+    stopped = int(re.search(r"stopping after step (\d+)", logs)[1])
+    assert 0 < stopped < 5000
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))["step"] == stopped
+    rows = json.loads(submit(cluster, "--status", tmp_path / "run", "--json", cwd=tmp_path).stdout)
+    assert rows[0]["state"] == "FAILED" and rows[0]["step"] == stopped // 25 * 25
 
 
 def test_dry_run_prints_sbatch_lines_and_refuses_injection(shard_root, tmp_path):
