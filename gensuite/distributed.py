@@ -160,7 +160,19 @@ def deepspeed_engine(modules: dict[str, nn.Module], optimizer: torch.optim.Optim
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=nn.ModuleDict(modules), optimizer=optimizer, config=config)
+    engine.checkpoint_engine.load = _load_weights_only
     return engine
+
+
+def _load_weights_only(path: str, map_location=None):
+    """DeepSpeed's own loader unpickles with weights_only=False. Its files hold tensors, plain data
+    and these three small DeepSpeed types, so they load weights-only like our step files."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def _free_port() -> int:

@@ -132,9 +132,9 @@ class Trainer:
                                                     f"{', '.join(nets)}")
         self.bare = nets  # unwrapped modules: checkpoints, frozen views, sampling
         self.deepspeed = self.job.train.strategy == "deepspeed"
-        if self.deepspeed and self.job.train.precision != "no":
-            raise ConfigError("train.precision", "strategy deepspeed runs in full precision here; "
-                                                 "use precision: no, or strategy: ddp for bf16/fp16")
+        if self.deepspeed and self.job.train.precision == "fp16":  # bf16 is autocast over fp32 weights
+            raise ConfigError("train.precision", "fp16 under strategy deepspeed needs DeepSpeed's loss scaler, "
+                                                 "which this loop does not drive; use bf16")
         self.ema = {
             n: AveragedModel(nets[n], multi_avg_fn=get_ema_multi_avg_fn(self.job.train.ema.decay), use_buffers=True)
             .to(self.rt.device).eval()

@@ -186,6 +186,31 @@ def test_two_process_ddp_training(shard_root, tmp_path, launcher):
     assert "global batch 16 = 2 ranks x 1 x 8" in result.stderr
 
 
+@pytest.mark.slow
+def test_deepspeed_bf16_single_process_resumes_from_weights_only_files(shard_root, tmp_path):
+    # One process without a launcher, bf16 autocast over ZeRO-2's fp32 weights, optimizer offload;
+    # the resume reads DeepSpeed's partition files through the weights-only loader.
+    job = tmp_path / "job.yaml"
+    job.write_text(f"family: vae\nflavor: debug\ndata: {{dataset: digits, root: {shard_root}}}\n"
+                   "train: {steps: 4, batch_size: 16, checkpoint_every: 4, log_every: 2, precision: bf16, "
+                   "strategy: deepspeed, deepspeed: {zero_stage: 2, offload_optimizer: true}}\n"
+                   "log: {progress_bar: false}\n")
+    cmd = [sys.executable, "-m", "gensuite.train", str(job), "--run-dir", str(tmp_path / "run")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run([*cmd, "--set", "train.steps=8"], capture_output=True, text=True, cwd=ROOT, env=env,
+                            timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stderr and "at step 4" in second.stderr
+    state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))
+    assert state["step"] == 8 and state["strategy"] == "deepspeed" and state["optimizers"] == {}
+    weights = [t for net in state["networks"].values() for t in net.values() if t.is_floating_point()]
+    assert weights and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights)
+    loss = events(tmp_path / "run").Scalars("model/loss")
+    assert [e.step for e in loss] == [2, 4, 6, 8] and all(math.isfinite(e.value) for e in loss)
+
+
 def test_lr_schedules_warm_up_then_decay_to_zero():
     from gensuite.config import OptimizerSpec
     from gensuite.trainer import lr_factor
