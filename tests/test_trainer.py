@@ -167,6 +167,9 @@ LAUNCHERS = {
     "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "--main_process_port", "0"],
+    # Without --multi_gpu, Accelerate's CPU path starts one process; gensuite.train starts the rest.
+    "accelerate-cpu": [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
+                       "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
 }
 
 
