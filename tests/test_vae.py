@@ -152,3 +152,86 @@ def test_shapes_and_visuals(flavor, data):
     assert out["reconstructions"].shape == (12, *data.shape)
     assert torch.equal(out["reconstructions"][0::2], x)
     assert type(out["latent"]).__name__ == "Figure"
+
+
+# -- likelihood bounds against a linear-Gaussian model whose log p(x) is known in closed form ----
+
+def _linear_gaussian(seed=0, latent=3, dim=5, n=4, sigma=0.5):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(dim, latent, generator=g, dtype=torch.float64)
+    b = torch.randn(dim, generator=g, dtype=torch.float64)
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64) * 2
+    marginal = D.MultivariateNormal(b, W @ W.T + sigma**2 * torch.eye(dim, dtype=torch.float64))
+    post_cov = torch.linalg.inv(torch.eye(latent, dtype=torch.float64) + W.T @ W / sigma**2)
+    post_mean = (x - b) @ W @ post_cov / sigma**2  # (n, latent); post_cov is symmetric
+
+    def log_px_given_z(z):  # (k, n, latent) -> (k, n)
+        return D.Normal(z @ W.T + b, sigma).log_prob(x).sum(-1)
+
+    return W, b, x, sigma, marginal.log_prob(x), post_mean, post_cov, log_px_given_z
+
+
+def test_bounds_are_exact_with_the_true_posterior():
+    from gensuite.families.vae.objective import likelihood_bounds
+
+    # The exact posterior is diagonal (so a VAE's q can equal it) when W's columns are orthogonal.
+    g = torch.Generator().manual_seed(1)
+    q, _ = torch.linalg.qr(torch.randn(5, 3, generator=g, dtype=torch.float64))
+    W = q * torch.tensor([1.5, 0.7, 2.0], dtype=torch.float64)
+    b = torch.zeros(5, dtype=torch.float64)
+    x = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    sigma = 0.5
+    log_px = D.MultivariateNormal(b, W @ W.T + sigma**2 * torch.eye(5, dtype=torch.float64)).log_prob(x)
+    post_var = 1 / (1 + (W**2).sum(0) / sigma**2)  # diagonal because W's columns are orthogonal
+    post_mean = (x - b) @ W * post_var / sigma**2
+    bounds = likelihood_bounds(lambda z: D.Normal(z @ W.T + b, sigma).log_prob(x).sum(-1), post_mean,
+                               post_var.log().expand_as(post_mean), k=7, generator=g)
+    assert torch.allclose(bounds["elbo"], log_px, atol=1e-10)
+    assert torch.allclose(bounds["iwae"], log_px, atol=1e-10)
+
+
+def test_elbo_matches_its_closed_form_and_iwae_tightens_towards_log_px():
+    from gensuite.families.vae.objective import likelihood_bounds
+
+    W, b, x, sigma, log_px, post_mean, post_cov, log_px_given_z = _linear_gaussian()
+    # A deliberately imperfect diagonal q: shifted mean, the posterior's marginal variances x 1.5.
+    q_mean, q_var = post_mean + 0.3, torch.diagonal(post_cov).expand_as(post_mean) * 1.5
+    g = torch.Generator().manual_seed(2)
+    elbo_closed = (D.Normal(x - q_mean @ W.T - b, sigma).log_prob(torch.zeros_like(x)).sum(-1)
+                   - (q_var @ (W**2).T).sum(-1) / (2 * sigma**2)
+                   - kl_standard_normal(q_mean, q_var.log()))
+    chunks = torch.stack([likelihood_bounds(log_px_given_z, q_mean, q_var.log(), k=20_000, generator=g)["elbo"]
+                          for _ in range(20)])
+    standard_error = chunks.std(0) / math.sqrt(len(chunks))
+    assert ((chunks.mean(0) - elbo_closed).abs() < 4 * standard_error + 1e-3).all()
+    assert (standard_error < 0.02).all()  # the check is tight
+    gaps = [(log_px - elbo_closed).mean().item()]  # E[iwae_1] is the ELBO
+    for k, runs in ((8, 400), (64, 100), (4096, 20)):
+        iwae = torch.stack([likelihood_bounds(log_px_given_z, q_mean, q_var.log(), k=k, generator=g)["iwae"]
+                            for _ in range(runs)]).mean(0)
+        gaps.append((log_px - iwae).mean().item())
+    assert gaps[0] > 1.0  # the imperfect q leaves a real gap to close
+    assert all(a > b_ > 0 for a, b_ in zip(gaps, gaps[1:])) and gaps[-1] < 0.1 * gaps[0], gaps
+
+
+def test_vae_family_bounds_use_the_ema_networks_and_order_correctly():
+    fam = family()
+    torch.manual_seed(0)
+    nets_dict = fam.build_networks()
+    nets = Networks(nets_dict)
+    x = torch.rand(6, *fam.data.shape)
+    g = torch.Generator().manual_seed(0)
+    bounds = fam.log_likelihood_bounds(nets, {"x": x}, k=16, generator=g)
+    assert bounds["elbo"].shape == bounds["iwae"].shape == (6,)
+    assert (bounds["iwae"] >= bounds["elbo"] - 1e-5).all()
+    # k = 1: the bound is one reparameterised ELBO sample, as in the training loss.
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    one = fam.log_likelihood_bounds(nets, {"x": x}, k=1, generator=g1)
+    assert torch.allclose(one["iwae"], one["elbo"])
+    mean, log_var = nets_dict["encoder"](x)
+    z = mean + (0.5 * log_var).exp() * torch.randn(mean.shape, generator=g2)
+    out, _ = nets_dict["decoder"](z)
+    from gensuite.families.vae.objective import log_normal_diag
+    expected = (-bernoulli_nll(out, x) + log_normal_diag(z, torch.zeros_like(z), torch.zeros_like(z))
+                - log_normal_diag(z, mean, log_var))
+    assert torch.allclose(one["elbo"], expected, atol=1e-5)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from gensuite.errors import ConfigError
 from gensuite.families.vae.networks import Decoder, Encoder
 from gensuite.families.vae.objective import (bernoulli_nll, gaussian_nll, kl_standard_normal,
-                                             reparameterize)
+                                             likelihood_bounds, reparameterize)
 from gensuite.registry import Batch, GenerativeFamily, Networks, register
 
 
@@ -92,6 +92,23 @@ class VAE(GenerativeFamily):
         neg_elbo = recon + kl
         return {"loss": recon + self.cfg.beta * kl, "recon": recon, "kl": kl, "elbo": -neg_elbo,
                 "bpd": neg_elbo / (self.data.dim * math.log(2))}
+
+    @torch.no_grad()
+    def log_likelihood_bounds(self, nets: Networks, batch: Batch, k: int = 64,
+                              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Per-sample ELBO and k-sample importance-weighted bound on log p(x), in nats, from the
+        EMA networks (bits/dim = −bound / (dim · ln 2))."""
+        x, cond = batch["x"], self.condition(batch.get("y"))
+        mean, log_var = nets.ema("encoder")(x, cond)
+        decoder = nets.ema("decoder")
+
+        def log_px_given_z(z: torch.Tensor) -> torch.Tensor:
+            k_, b = z.shape[:2]
+            c = cond.repeat(k_, 1) if cond is not None else None
+            out, log_std = decoder(z.flatten(0, 1), c)
+            return -self.reconstruction_nll(out, log_std, x.repeat(k_, *[1] * (x.dim() - 1))).view(k_, b)
+
+        return likelihood_bounds(log_px_given_z, mean, log_var, k, generator)
 
     def grid_nrow(self, n: int) -> int:
         if self.cond_dim:
