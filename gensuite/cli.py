@@ -81,6 +81,21 @@ def cmd_summary(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    from gensuite.sampling import draw, load_run, save_samples
+
+    run = load_run(args.run)
+    samples = draw(run, args.n, args.seed, args.label)
+    out = Path(args.out) if args.out else (
+        Path(args.run) / "samples" / f"sample-step{run.step}-seed{args.seed}"
+                                     f"{'' if args.label is None else f'-class{args.label}'}.png"
+        if Path(args.run).is_dir() else Path("samples.png"))
+    save_samples(samples, run.family, out)
+    weights = "EMA" if any(run.networks.ema(n) is not run.networks[n] for n in run.networks) else "trained"
+    print(f"{out}  ({args.n} samples, {weights} weights of {run.checkpoint})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gensuite", description="Train generative models as batch jobs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="where checkpoints, samples and TensorBoard logs go (default runs/<job name>)")
     _job_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="draw samples from a trained run (no dataset needed)")
+    p.add_argument("run", metavar="RUN_DIR", help="a run directory (latest checkpoint) or a checkpoint file")
+    p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--class", dest="label", type=int, help="draw every sample of this class (conditional runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="PNG to write (default RUN_DIR/samples/sample-step<N>-seed<S>.png)")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("summary", help="print each network's architecture and parameter count")
     p.add_argument("job", metavar="JOB")
