@@ -52,17 +52,29 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(run_dir, step)
-    tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+    _atomic_save(state, final)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+        shutil.rmtree(sharded_dir(old), ignore_errors=True)
+    return final
+
+
+def save_named(run_dir: str | Path, name: str, state: dict[str, Any]) -> Path:
+    """``checkpoints/<name>.pt`` (e.g. best), written atomically; never rotated, never resumed from."""
+    checkpoint_dir(run_dir).mkdir(parents=True, exist_ok=True)
+    final = checkpoint_dir(run_dir) / f"{name}.pt"
+    _atomic_save(state, final)
+    return final
+
+
+def _atomic_save(state: dict[str, Any], final: Path) -> None:
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
-    _fsync_dir(folder)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink(missing_ok=True)
-        shutil.rmtree(sharded_dir(old), ignore_errors=True)
-    return final
+    _fsync_dir(final.parent)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

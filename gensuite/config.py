@@ -1,7 +1,7 @@
 """Job YAML -> typed, validated dataclasses.
 
 Every error is a ``ConfigError`` naming the full key path (``train.steps``) and, for unknown keys,
-the closest valid one. The ``eval`` section is kept as a plain mapping until the evaluation layer.
+the closest valid one.
 """
 
 from __future__ import annotations
@@ -214,6 +214,26 @@ class SweepConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Metrics computed on held-out data every ``every`` steps and at the end (``gensuite.evaluation``)."""
+
+    every: Optional[int] = None  # steps between evaluations; None: only at the end
+    metrics: Optional[list[str]] = None  # None: the family's defaults
+    split: str = "test"  # real split the metrics use
+    max_samples: Optional[int] = None  # evaluate the first N samples of the split (None: all)
+    batch_size: int = 256
+    importance_samples: int = 64  # k of the importance-weighted likelihood bound
+    seed: int = 1234  # evaluation noise, drawn per sample: the same on any number of ranks
+    best: Optional[str] = None  # keep checkpoints/best.pt by this metric, e.g. iwae
+
+    def __post_init__(self):
+        _check(self.every is None or self.every >= 1, "eval.every", "must be >= 1 or null")
+        _check(self.max_samples is None or self.max_samples >= 1, "eval.max_samples", "must be >= 1 or null")
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _check(self.importance_samples >= 1, "eval.importance_samples", "must be >= 1")
+
+
+@dataclass
 class JobConfig:
     family: str
     flavor: str
@@ -225,7 +245,7 @@ class JobConfig:
     log: LogConfig = field(default_factory=LogConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
-    eval: dict[str, Any] = field(default_factory=dict)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -112,6 +112,12 @@ class Runtime:
 
         return broadcast_object_list([obj])[0]
 
+    def sum_across_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over ranks (CPU tensors in and out; float64 keeps sums exact enough)."""
+        if self.world_size == 1:
+            return values
+        return self.accelerator.reduce(values.to(self.device), reduction="sum").cpu()
+
     def any_across_ranks(self, flag: bool) -> bool:
         if self.world_size == 1:
             return flag

@@ -105,6 +105,16 @@ class RunLogger:
                      if t.endswith("/loss")}
             self.bar.set_postfix(shown, refresh=False)
 
+    def eval_values(self, step: int, values: dict[str, float], protocol: str | None = None) -> None:
+        if not self.enabled:
+            return
+        if protocol:  # what the numbers mean, next to them
+            self.writer.add_text("eval/protocol", protocol, step)
+        for name, value in values.items():
+            self.writer.add_scalar(f"eval/{name}", value, step)
+            self.last[f"eval/{name}"] = value
+        self.info(f"step {step}: " + "  ".join(f"eval/{k}={v:.5g}" for k, v in values.items()))
+
     def visuals(self, step: int, visuals: dict[str, Any], family) -> None:
         import matplotlib
 

@@ -21,6 +21,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 import gensuite
 from gensuite import checkpoint as ckpt
+from gensuite import evaluation
 from gensuite.config import JobConfig, OptimizerSpec, dump_yaml
 from gensuite.data.pipeline import ShardStream, make_loader, read_split, split_shards
 from gensuite.data.shards import data_spec, read_manifest
@@ -106,6 +107,8 @@ class Trainer:
         seed_everything(job.train.seed)  # identical initial weights on every rank
         self._build_networks()
         self._build_optimizers()
+        self.metrics = evaluation.resolve(job.eval, self.family)
+        self.best: dict[str, Any] = {}  # {"value", "step"} of eval.best so far
         self.step = 0
         self.consumed = 0  # micro-batches this rank has drawn: the data position
         self.logger = RunLogger(self.run_dir, job, enabled=self.rt.is_main,
@@ -202,6 +205,7 @@ class Trainer:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         self.family.load_state_dict(state["family"])
+        self.best = state.get("best", {})
         self.step = state["step"]
         saved_world = state["data"]["world_size"]
         self.consumed = state["data"]["micro_batches"] * saved_world // self.rt.world_size
@@ -256,6 +260,8 @@ class Trainer:
                 log.scalars(self.step, self._lrs())
             if self.step % job.train.sample_every == 0 or self.step == self.total_steps:
                 self.log_visuals(fixed, reference)
+            if self.metrics and (self.step == self.total_steps or (job.eval.every and self.step % job.eval.every == 0)):
+                self.run_evaluation()
             saved = self.step % job.train.checkpoint_every == 0 or self.step == self.total_steps
             if saved:
                 self.save()
@@ -329,6 +335,35 @@ class Trainer:
         out["grad_norm"] = grad_norm.detach().float()
         return out
 
+    def eval_context(self) -> evaluation.EvalContext:
+        return evaluation.EvalContext(
+            self.family, Networks(self.bare, {n: avg.module for n, avg in self.ema.items()}), self.shard_dir,
+            self.job.eval, self.rt.device, self.rt.rank, self.rt.world_size, self.rt.sum_across_ranks)
+
+    def run_evaluation(self) -> dict[str, float]:
+        """Every rank evaluates its share; rank 0 logs; a better ``eval.best`` value saves best.pt."""
+        ctx = self.eval_context()
+        modes = {n: m.training for n, m in self.bare.items()}
+        for m in self.bare.values():
+            m.eval()
+        try:
+            values = evaluation.evaluate(self.metrics, ctx)
+        finally:
+            for n, m in self.bare.items():
+                m.train(modes[n])
+        first = not getattr(self, "_protocol_logged", False)
+        self._protocol_logged = True
+        self.logger.eval_values(self.step, values,
+                                "\n\n".join(m.describe(ctx) for m in self.metrics) if first else None)
+        name = self.job.eval.best
+        if name is not None:
+            better = evaluation.higher_is_better(self.metrics, name)
+            old = self.best.get("value")
+            if old is None or (values[name] > old if better else values[name] < old):
+                self.best = {"value": values[name], "step": self.step}
+                self.save(best=True)
+        return values
+
     def update_ema(self) -> None:
         for name, avg in self.ema.items():
             avg.update_parameters(self.bare[name])
@@ -380,10 +415,20 @@ class Trainer:
             "data": {"micro_batches": self.consumed, "world_size": self.rt.world_size,
                      "epoch": self.consumed // (self.batches_per_epoch * self.plan.accumulation)},
             "rng": rng_states,
+            "best": self.best,
         }
 
-    def save(self) -> Path | None:
+    def save(self, best: bool = False) -> Path | None:
+        """A resumable step checkpoint, or (``best``) checkpoints/best.pt for sampling and evaluation."""
         rngs = self.rt.gather_object(rng_state())  # every rank's RNG, so each resumes its own stream
+        if best:
+            path = None
+            if self.rt.is_main:
+                path = ckpt.save_named(self.run_dir, "best", self.state(rngs))
+                self.logger.info(f"step {self.step}: new best eval/{self.job.eval.best} = "
+                                 f"{self.best['value']:.5g}; {path}")
+            self.rt.barrier()
+            return path
         if self.deepspeed:  # collective; written before the step file that makes the checkpoint count
             folder = ckpt.sharded_dir(ckpt.checkpoint_path(self.run_dir, self.step))
             for name, engine in self.engines.items():

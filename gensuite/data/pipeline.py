@@ -134,3 +134,23 @@ def read_split(shard_dir: str | Path, split: str, limit: int) -> dict:
     shards = [{"url": s.path} for s in split_shards(manifest, shard_dir, split)]
     raw = itertools.islice(wds.tarfile_to_samples()(iter(shards)), limit)
     return collate([decode_sample(s, manifest["kind"], shape[0]) for s in raw])
+
+
+def iterate_split(shard_dir: str | Path, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
+                  limit: int | None = None):
+    """(indices, batch) over this rank's share of a split: samples i with i % world_size == rank, in
+    stored order, among the first ``limit``. Every sample is seen by exactly one rank."""
+    manifest = read_manifest(shard_dir)
+    shards = [{"url": s.path} for s in split_shards(manifest, shard_dir, split)]
+    raw = wds.tarfile_to_samples()(iter(shards))
+    indices, samples = [], []
+    for i, sample in enumerate(itertools.islice(raw, limit)):
+        if i % world_size != rank:
+            continue  # not decoded: the other ranks take it
+        indices.append(i)
+        samples.append(decode_sample(sample, manifest["kind"], manifest["shape"][0]))
+        if len(samples) == batch_size:
+            yield torch.tensor(indices), collate(samples)
+            indices, samples = [], []
+    if samples:
+        yield torch.tensor(indices), collate(samples)

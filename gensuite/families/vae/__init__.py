@@ -95,7 +95,8 @@ class VAE(GenerativeFamily):
 
     @torch.no_grad()
     def log_likelihood_bounds(self, nets: Networks, batch: Batch, k: int = 64,
-                              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                              generator: torch.Generator | None = None,
+                              eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-sample ELBO and k-sample importance-weighted bound on log p(x), in nats, from the
         EMA networks (bits/dim = −bound / (dim · ln 2))."""
         x, cond = batch["x"], self.condition(batch.get("y"))
@@ -108,7 +109,7 @@ class VAE(GenerativeFamily):
             out, log_std = decoder(z.flatten(0, 1), c)
             return -self.reconstruction_nll(out, log_std, x.repeat(k_, *[1] * (x.dim() - 1))).view(k_, b)
 
-        return likelihood_bounds(log_px_given_z, mean, log_var, k, generator)
+        return likelihood_bounds(log_px_given_z, mean, log_var, k, generator, eps)
 
     def grid_nrow(self, n: int) -> int:
         if self.cond_dim:

@@ -37,7 +37,8 @@ def log_normal_diag(z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) 
 
 
 def likelihood_bounds(log_px_given_z, mean: torch.Tensor, log_var: torch.Tensor, k: int,
-                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                      generator: torch.Generator | None = None,
+                      eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-sample lower bounds on log p(x) from k draws z_i ~ q(z|x) = N(mean, diag(exp(log_var))).
 
     ``log_px_given_z`` maps z of shape (k, B, D) to log p(x|z) of shape (k, B). With log weights
@@ -47,8 +48,9 @@ def likelihood_bounds(log_px_given_z, mean: torch.Tensor, log_var: torch.Tensor,
                                               non-decreasing in k in expectation, → log p(x)).
     With q equal to the true posterior every w_i is log p(x) and both bounds are exact.
     """
-    eps = torch.randn((k, *mean.shape), generator=generator, dtype=mean.dtype).to(mean.device)
-    z = mean + (0.5 * log_var).exp() * eps
+    if eps is None:  # given: standard normal draws of shape (k, B, D), e.g. seeded per sample
+        eps = torch.randn((k, *mean.shape), generator=generator, dtype=mean.dtype)
+    z = mean + (0.5 * log_var).exp() * eps.to(mean.device, mean.dtype)
     log_prior = log_normal_diag(z, torch.zeros_like(mean), torch.zeros_like(log_var))
     log_w = log_px_given_z(z) + log_prior - log_normal_diag(z, mean, log_var)
     return {"elbo": log_w.mean(0), "iwae": torch.logsumexp(log_w, 0) - math.log(k)}

@@ -1,0 +1,85 @@
+"""One evaluation protocol for every family: named metrics over a held-out split, split across ranks.
+
+A metric declares the values it produces (and whether higher is better), which families it applies
+to, and how to compute them from an ``EvalContext``. The trainer runs the job's metrics every
+``eval.every`` steps and at the end and logs them as ``eval/<value>``; ``eval.best`` keeps the best
+checkpoint. Each rank evaluates its share of the split (sample i goes to rank i mod world size) and
+the partial sums are added across ranks, so any number of ranks gives the single-process result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from gensuite.config import EvalConfig
+from gensuite.errors import ConfigError
+from gensuite.registry import Family, Networks
+
+
+@dataclass
+class EvalContext:
+    family: Family
+    nets: Networks  # EMA copies where the run keeps them
+    shard_dir: Path
+    cfg: EvalConfig
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    sum_across_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    values: dict[str, bool]  # value name -> higher is better
+    applies: Callable[[Family], bool]
+    compute: Callable[[EvalContext], dict[str, float]]
+    describe: Callable[[EvalContext], str]  # the protocol, logged with the values
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(metric: Metric) -> Metric:
+    METRICS[metric.name] = metric
+    return metric
+
+
+def _load_builtin() -> None:
+    from gensuite.evaluation import likelihood  # noqa: F401  (registers its metric)
+
+
+def resolve(cfg: EvalConfig, family: Family) -> list[Metric]:
+    """The job's metrics (or every metric that applies to the family), checked against the family."""
+    _load_builtin()
+    if cfg.metrics is None:
+        chosen = [m for m in METRICS.values() if m.applies(family)]
+    else:
+        chosen = []
+        for i, name in enumerate(cfg.metrics):
+            if name not in METRICS:
+                raise ConfigError(f"eval.metrics[{i}]", f"unknown metric {name!r}; available: {', '.join(METRICS)}")
+            if not METRICS[name].applies(family):
+                raise ConfigError(f"eval.metrics[{i}]", f"{name} does not apply to the {family.name} family")
+            chosen.append(METRICS[name])
+    if cfg.best is not None:
+        produced = {v for m in chosen for v in m.values}
+        if cfg.best not in produced:
+            raise ConfigError("eval.best", f"{cfg.best!r} is not computed by this job's metrics; choose one of "
+                                           f"{', '.join(sorted(produced)) or '(none)'}")
+    return chosen
+
+
+def higher_is_better(metrics: list[Metric], value: str) -> bool:
+    return next(m.values[value] for m in metrics if value in m.values)
+
+
+def evaluate(metrics: list[Metric], ctx: EvalContext) -> dict[str, float]:
+    results: dict[str, float] = {}
+    for metric in metrics:
+        results.update(metric.compute(ctx))
+    return results
