@@ -94,3 +94,23 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """A checkpoint file, or the latest checkpoint of a run directory."""
+    path = Path(source)
+    if not path.exists():
+        raise GensuiteError(f"{path}: no such run directory or checkpoint file")
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise GensuiteError(f"{path}: no checkpoints in this run directory (expected checkpoints/step-*.pt)")
+        return found
+    return path
+
+
+def ema_weights(state: dict[str, Any], name: str) -> dict[str, torch.Tensor] | None:
+    """The EMA copy of network ``name`` as a plain state dict, if the run kept one."""
+    if name not in state.get("ema", {}):
+        return None
+    return {k.removeprefix("module."): v for k, v in state["ema"][name].items() if k != "n_averaged"}

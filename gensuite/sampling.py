@@ -32,14 +32,7 @@ def data_spec_from_state(state: dict) -> DataSpec:
 
 def load_run(source: str | Path, device: str = "cpu") -> TrainedRun:
     """A run directory (its latest checkpoint) or a checkpoint file -> family and networks."""
-    path = Path(source)
-    if not path.exists():
-        raise GensuiteError(f"{path}: no such run directory or checkpoint file")
-    if path.is_dir():
-        found = ckpt.latest_checkpoint(path)
-        if found is None:
-            raise GensuiteError(f"{path}: no checkpoints in this run directory (expected checkpoints/step-*.pt)")
-        path = found
+    path = ckpt.resolve_checkpoint(source)
     state = ckpt.load_checkpoint(path)
     job = job_from_dict(state["config"])
     family = get_family(job.family)(job.model, data_spec_from_state(state))
@@ -48,10 +41,10 @@ def load_run(source: str | Path, device: str = "cpu") -> TrainedRun:
     for name, module in modules.items():
         module.load_state_dict(state["networks"][name])
         module.to(device).eval()
-        if name in state.get("ema", {}):
+        weights = ckpt.ema_weights(state, name)
+        if weights is not None:
             copy = family.build_networks()[name]
-            copy.load_state_dict({k.removeprefix("module."): v for k, v in state["ema"][name].items()
-                                  if k != "n_averaged"})
+            copy.load_state_dict(weights)
             ema[name] = copy.to(device).eval()
     return TrainedRun(job, family, Networks(modules, ema), state["step"], path)
 

@@ -444,18 +444,12 @@ class Trainer:
 
 def load_network(source: str, name: str) -> dict[str, torch.Tensor]:
     """Weights of network ``name`` from a checkpoint file or the latest checkpoint of a run dir."""
-    path = Path(source)
-    if path.is_dir():
-        found = ckpt.latest_checkpoint(path)
-        if found is None:
-            raise GensuiteError(f"{path}: run directory has no checkpoints to load network {name!r} from")
-        path = found
+    path = ckpt.resolve_checkpoint(source)
     state = ckpt.load_checkpoint(path)
     if name not in state["networks"]:
         raise GensuiteError(f"{path}: checkpoint has no network {name!r} (it has {', '.join(state['networks'])})")
-    if name in state.get("ema", {}):  # prefer the EMA weights a run samples with
-        return {k.removeprefix("module."): v for k, v in state["ema"][name].items() if k != "n_averaged"}
-    return state["networks"][name]
+    ema = ckpt.ema_weights(state, name)  # prefer the EMA weights a run samples with
+    return ema if ema is not None else state["networks"][name]
 
 
 def train(job: JobConfig, run_dir: str | Path, stop: StopRequest | None = None) -> dict[str, float]:
