@@ -105,15 +105,20 @@ class RunLogger:
                      if t.endswith("/loss")}
             self.bar.set_postfix(shown, refresh=False)
 
-    def eval_values(self, step: int, values: dict[str, float], protocol: str | None = None) -> None:
+    def eval_values(self, step: int, values: dict[str, Any], protocol: str | None = None) -> None:
+        """Scalars as ``eval/<name>``; figures (confusion matrices) as images and PNGs."""
         if not self.enabled:
             return
         if protocol:  # what the numbers mean, next to them
             self.writer.add_text("eval/protocol", protocol, step)
-        for name, value in values.items():
+        scalars = {k: v for k, v in values.items() if isinstance(v, float)}
+        for name, value in scalars.items():
             self.writer.add_scalar(f"eval/{name}", value, step)
             self.last[f"eval/{name}"] = value
-        self.info(f"step {step}: " + "  ".join(f"eval/{k}={v:.5g}" for k, v in values.items()))
+        figures = {k: v for k, v in values.items() if k not in scalars}
+        if figures:
+            self.visuals(step, figures, family=None)
+        self.info(f"step {step}: " + "  ".join(f"eval/{k}={v:.5g}" for k, v in scalars.items()))
 
     def visuals(self, step: int, visuals: dict[str, Any], family) -> None:
         import matplotlib

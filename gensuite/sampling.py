@@ -55,7 +55,7 @@ def draw(run: TrainedRun, n: int, seed: int = 0, label: int | None = None) -> to
     asked = n
     while True:  # class-conditional families draw n // classes per class: ask until there are n
         fixed = run.family.fixed_inputs(asked, torch.Generator().manual_seed(seed))
-        if len(next(iter(fixed.values()))) >= n:
+        if not fixed or len(next(iter(fixed.values()))) >= n:
             break
         asked *= 2
     fixed = {k: v[:n] for k, v in fixed.items()}

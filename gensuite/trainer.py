@@ -340,7 +340,7 @@ class Trainer:
             self.family, Networks(self.bare, {n: avg.module for n, avg in self.ema.items()}), self.shard_dir,
             self.job.eval, self.rt.device, self.rt.rank, self.rt.world_size, self.rt.sum_across_ranks)
 
-    def run_evaluation(self) -> dict[str, float]:
+    def run_evaluation(self) -> dict[str, Any]:
         """Every rank evaluates its share; rank 0 logs; a better ``eval.best`` value saves best.pt."""
         ctx = self.eval_context()
         modes = {n: m.training for n, m in self.bare.items()}

@@ -44,7 +44,7 @@ def test_every_family_debug_flavor_trains_through_the_loop(shard_root, tmp_path,
     assert state["step"] == 4 and state["config"]["family"] == name
     losses = {k: v for k, v in metrics.items() if k.endswith("/loss")}
     assert losses and all(math.isfinite(v) for v in losses.values())
-    assert (tmp_path / "samples" / "samples-00000004.png").is_file()
+    assert list((tmp_path / "samples").glob("*-00000004.png"))  # its visuals (grids or figures)
 
 
 def _params(run_dir):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -37,7 +37,7 @@ class Metric:
     name: str
     values: dict[str, bool]  # value name -> higher is better
     applies: Callable[[Family], bool]
-    compute: Callable[[EvalContext], dict[str, float]]
+    compute: Callable[[EvalContext], dict[str, Any]]  # the values (floats) and any figures
     describe: Callable[[EvalContext], str]  # the protocol, logged with the values
 
 
@@ -50,7 +50,7 @@ def register_metric(metric: Metric) -> Metric:
 
 
 def _load_builtin() -> None:
-    from gensuite.evaluation import likelihood  # noqa: F401  (registers its metric)
+    from gensuite.evaluation import classification, likelihood  # noqa: F401  (register their metrics)
 
 
 def resolve(cfg: EvalConfig, family: Family) -> list[Metric]:
@@ -78,8 +78,9 @@ def higher_is_better(metrics: list[Metric], value: str) -> bool:
     return next(m.values[value] for m in metrics if value in m.values)
 
 
-def evaluate(metrics: list[Metric], ctx: EvalContext) -> dict[str, float]:
-    results: dict[str, float] = {}
+def evaluate(metrics: list[Metric], ctx: EvalContext) -> dict[str, Any]:
+    """Every metric's values (floats) and figures (matplotlib), by name."""
+    results: dict[str, Any] = {}
     for metric in metrics:
         results.update(metric.compute(ctx))
     return results
