@@ -225,12 +225,15 @@ class EvalConfig:
     importance_samples: int = 64  # k of the importance-weighted likelihood bound
     seed: int = 1234  # evaluation noise, drawn per sample: the same on any number of ranks
     best: Optional[str] = None  # keep checkpoints/best.pt by this metric, e.g. iwae
+    classifier: Optional[str] = None  # run dir or checkpoint of a classifier job on the same data (clf_fid, cond_acc)
+    n_samples: int = 10_000  # generated samples per evaluation
 
     def __post_init__(self):
         _check(self.every is None or self.every >= 1, "eval.every", "must be >= 1 or null")
         _check(self.max_samples is None or self.max_samples >= 1, "eval.max_samples", "must be >= 1 or null")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
         _check(self.importance_samples >= 1, "eval.importance_samples", "must be >= 1")
+        _check(self.n_samples >= 2, "eval.n_samples", "must be >= 2")
 
 
 @dataclass

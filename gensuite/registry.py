@@ -142,6 +142,11 @@ class GenerativeFamily:
         self.data = data
         self._network_names: tuple[str, ...] = ()
 
+    @property
+    def conditional(self) -> bool:
+        """Samples are drawn for given class labels (``fixed_inputs`` puts them under "y")."""
+        return False
+
     def players(self) -> list[Player]:
         return [Player("model", self.network_names())]
 

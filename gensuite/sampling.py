@@ -61,7 +61,7 @@ def draw(run: TrainedRun, n: int, seed: int = 0, label: int | None = None) -> to
     fixed = {k: v[:n] for k, v in fixed.items()}
     if label is not None:
         classes = run.family.data.num_classes
-        if "y" not in fixed or classes < 2 or not getattr(run.family, "cond_dim", 1):
+        if not run.family.conditional:
             raise GensuiteError(f"--class: this {run.job.family}/{run.job.flavor} run is not class-conditional")
         if not 0 <= label < classes:
             raise GensuiteError(f"--class: {label} is not a class of {run.family.data.dataset} "

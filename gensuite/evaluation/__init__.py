@@ -36,9 +36,10 @@ class EvalContext:
 class Metric:
     name: str
     values: dict[str, bool]  # value name -> higher is better
-    applies: Callable[[Family], bool]
+    applies: Callable[[Family], bool]  # the family can be measured this way
     compute: Callable[[EvalContext], dict[str, Any]]  # the values (floats) and any figures
     describe: Callable[[EvalContext], str]  # the protocol, logged with the values
+    needs: Callable[[EvalConfig], str | None] = lambda cfg: None  # what the config lacks, or None
 
 
 METRICS: dict[str, Metric] = {}
@@ -50,14 +51,14 @@ def register_metric(metric: Metric) -> Metric:
 
 
 def _load_builtin() -> None:
-    from gensuite.evaluation import classification, likelihood  # noqa: F401  (register their metrics)
+    from gensuite.evaluation import classification, judged, likelihood  # noqa: F401  (register their metrics)
 
 
 def resolve(cfg: EvalConfig, family: Family) -> list[Metric]:
     """The job's metrics (or every metric that applies to the family), checked against the family."""
     _load_builtin()
-    if cfg.metrics is None:
-        chosen = [m for m in METRICS.values() if m.applies(family)]
+    if cfg.metrics is None:  # every metric that applies and whose inputs the job provides
+        chosen = [m for m in METRICS.values() if m.applies(family) and m.needs(cfg) is None]
     else:
         chosen = []
         for i, name in enumerate(cfg.metrics):
@@ -65,6 +66,9 @@ def resolve(cfg: EvalConfig, family: Family) -> list[Metric]:
                 raise ConfigError(f"eval.metrics[{i}]", f"unknown metric {name!r}; available: {', '.join(METRICS)}")
             if not METRICS[name].applies(family):
                 raise ConfigError(f"eval.metrics[{i}]", f"{name} does not apply to the {family.name} family")
+            missing = METRICS[name].needs(cfg)
+            if missing:
+                raise ConfigError(f"eval.metrics[{i}]", f"{name} needs {missing}")
             chosen.append(METRICS[name])
     if cfg.best is not None:
         produced = {v for m in chosen for v in m.values}

@@ -62,6 +62,10 @@ class VAE(GenerativeFamily):
                                                f"use encoder: mlp for {data.dataset}")
         self.cond_dim = data.num_classes if cfg.conditional else 0
 
+    @property
+    def conditional(self) -> bool:
+        return self.cond_dim > 0
+
     def build_networks(self):
         c, shape = self.cfg, self.data.shape
         return {

@@ -1,0 +1,136 @@
+"""Classifier FID and conditional accuracy: against scipy and scikit-learn, and on two ranks."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gensuite.config import job_from_dict
+from gensuite.data.pipeline import read_split
+from gensuite.errors import ConfigError
+from gensuite.evaluation import EvalContext, evaluate, resolve
+from gensuite.evaluation.judged import generated, judge
+from gensuite.sampling import load_run
+from gensuite.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def raw_job(shard_root, name, family, steps, model=None, eval_cfg=None):
+    return {"name": name, "family": family, "flavor": "debug", "model": model or {},
+            "data": {"dataset": "digits", "root": str(shard_root), "shuffle_buffer": 256},
+            "optim": {"lr": 3e-3},
+            "train": {"steps": steps, "batch_size": 32, "log_every": steps, "sample_every": steps,
+                      "checkpoint_every": steps},
+            "eval": eval_cfg or {}, "log": {"grid_size": 16, "progress_bar": False}}
+
+
+@pytest.fixture(scope="module")
+def runs(shard_root, tmp_path_factory):
+    work = tmp_path_factory.mktemp("judged")
+    train(job_from_dict(raw_job(shard_root, "clf", "classifier", 100)), work / "clf")
+    eval_cfg = {"classifier": str(work / "clf"), "n_samples": 130, "batch_size": 50,
+                "metrics": ["clf_fid", "cond_acc"]}
+    cvae = raw_job(shard_root, "cvae", "vae", 30, {"conditional": True}, eval_cfg)
+    train(job_from_dict(cvae), work / "cvae")
+    return work, cvae
+
+
+def offline_context(run_dir):
+    run = load_run(run_dir)
+    return EvalContext(run.family, run.networks, Path(run.job.data.root) / run.job.data.dataset, run.job.eval,
+                       torch.device("cpu")), run
+
+
+def frechet(a: np.ndarray, b: np.ndarray) -> float:
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * root))
+
+
+def test_judged_metrics_match_independent_computations(runs):
+    work, _ = runs
+    acc = EventAccumulator(str(work / "cvae" / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    logged_fid = acc.Scalars("eval/clf_fid")[-1]
+    logged_acc = acc.Scalars("eval/cond_acc")[-1]
+    assert logged_fid.step == logged_acc.step == 30
+    assert "figures/confusion_generated" in acc.Tags()["images"]
+
+    ctx, run = offline_context(work / "cvae")
+    values = evaluate(resolve(ctx.cfg, ctx.family), ctx)
+    assert values["clf_fid"] == pytest.approx(logged_fid.value, rel=1e-6)
+
+    clf = judge(ctx)
+    real = read_split(ctx.shard_dir, "test", 10_000)["x"]
+    samples, labels = zip(*generated(ctx))
+    fake, labels = torch.cat(samples), torch.cat(labels)
+    assert len(fake) == 130 and torch.bincount(labels[:50], minlength=10).tolist() == [5] * 10  # balanced classes
+    with torch.no_grad():
+        f_real = clf.family.features(clf.networks, real).double().numpy()
+        f_fake = clf.family.features(clf.networks, fake).double().numpy()
+        predicted = clf.family.predict(clf.networks, fake).argmax(1)
+    assert values["clf_fid"] == pytest.approx(frechet(f_real, f_fake), rel=1e-4)
+    assert values["clf_fid"] > 1.0  # 30 steps of a tiny CVAE are far from the data
+    assert values["cond_acc"] == pytest.approx((predicted == labels).double().mean().item(), abs=1e-12)
+
+
+def test_fid_of_a_set_with_itself_is_zero(runs):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    from gensuite.evaluation.judged import _PenultimateFeatures
+
+    ctx, _ = offline_context(runs[0] / "cvae")
+    real = read_split(ctx.shard_dir, "test", 10_000)["x"]
+    fid = FrechetInceptionDistance(feature=_PenultimateFeatures(judge(ctx), real[:2]), normalize=True,
+                                   input_img_size=tuple(real.shape[1:]))
+    fid.update(real, real=True)
+    fid.update(real, real=False)
+    assert abs(float(fid.compute())) < 1e-6
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_single_process_values(runs, tmp_path):
+    work, cvae = runs
+    cvae = {**cvae, "train": {**cvae["train"], "steps": 4, "log_every": 4, "sample_every": 4, "checkpoint_every": 4}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cvae))
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "gensuite.train", str(path), "--run-dir", str(tmp_path / "run")],
+                            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    ctx, _ = offline_context(tmp_path / "run")
+    single = evaluate(resolve(ctx.cfg, ctx.family), ctx)
+    for name in ("clf_fid", "cond_acc"):
+        logged = acc.Scalars(f"eval/{name}")[-1].value
+        assert abs(logged - single[name]) <= 1e-6 * max(abs(single[name]), 1e-3), name
+
+
+def test_judged_metrics_explain_what_they_need(runs, shard_root):
+    work, _ = runs
+    job = job_from_dict(raw_job(shard_root, "g", "gan", 2, eval_cfg={"metrics": ["clf_fid"]}))
+    from gensuite.data.shards import data_spec, read_manifest
+    from gensuite.registry import get_family
+
+    family = get_family("gan")(job.model, data_spec(read_manifest(shard_root / "digits")))
+    with pytest.raises(ConfigError, match=r"^eval.metrics\[0\]: clf_fid needs eval.classifier: the run directory"):
+        resolve(job.eval, family)
+    with pytest.raises(ConfigError, match=r"^eval.metrics\[0\]: cond_acc does not apply to the gan family"):
+        resolve(job_from_dict(raw_job(shard_root, "g", "gan", 2, eval_cfg={
+            "metrics": ["cond_acc"], "classifier": str(work / "clf")})).eval, family)
+    bad = job_from_dict(raw_job(shard_root, "g", "gan", 2, eval_cfg={"metrics": ["clf_fid"],
+                                                                    "classifier": str(work / "cvae")}))
+    ctx = EvalContext(family, None, shard_root / "digits", bad.eval, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=r"^eval.classifier: .* is a vae run; name a classifier job's run"):
+        judge(ctx)
