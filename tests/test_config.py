@@ -102,8 +102,6 @@ def test_cli_validate_all_shipped_jobs():
 def test_summary_prints_architectures_and_parameter_counts(tmp_path):
     import json
 
-    import torch
-
     from gensuite.families.gan import GAN, GANConfig
     from gensuite.config import from_dict
     from gensuite.registry import DataSpec

@@ -1,9 +1,6 @@
 """The evaluation layer: likelihood metrics logged during training, best checkpoint, any rank count."""
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,6 @@ from gensuite.evaluation import EvalContext, evaluate, resolve
 from gensuite.sampling import load_run
 from gensuite.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def vae_job(shard_root, **eval_cfg):
@@ -73,16 +69,11 @@ def test_more_importance_samples_tighten_the_bound(shard_root, tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_evaluate_exactly_like_one(shard_root, tmp_path):
-    import yaml
+    from launchers import torchrun_job
 
     job = vae_job(shard_root, every=None, best=None, importance_samples=16)
     job["train"]["steps"] = 4
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "gensuite.train", str(path), "--run-dir", str(tmp_path / "run")],
-                            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            timeout=300)
+    result = torchrun_job(job, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     _, logged = scalars(tmp_path / "run", "eval/iwae")
     single = offline_eval(tmp_path / "run")  # one process, all 297 test samples

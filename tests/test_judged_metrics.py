@@ -1,15 +1,11 @@
 """Classifier FID and conditional accuracy: against scipy and scikit-learn, and on two ranks."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
-import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gensuite.config import job_from_dict
@@ -19,8 +15,8 @@ from gensuite.evaluation import EvalContext, evaluate, resolve
 from gensuite.evaluation.judged import generated, judge
 from gensuite.sampling import load_run
 from gensuite.trainer import train
+from launchers import torchrun_job
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def raw_job(shard_root, name, family, steps, model=None, eval_cfg=None):
@@ -101,12 +97,7 @@ def test_fid_of_a_set_with_itself_is_zero(runs):
 def test_two_ranks_give_the_single_process_values(runs, tmp_path):
     work, cvae = runs
     cvae = {**cvae, "train": {**cvae["train"], "steps": 4, "log_every": 4, "sample_every": 4, "checkpoint_every": 4}}
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(cvae))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "gensuite.train", str(path), "--run-dir", str(tmp_path / "run")],
-                            capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            timeout=300)
+    result = torchrun_job(cvae, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0})
     acc.Reload()

@@ -119,13 +119,18 @@ def test_two_nodes_train_with_ddp_over_gloo(cluster, shard_root, tmp_path):
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))["data"]["world_size"] == 2
 
 
+def long_job(path: Path, shard_root: Path, **launch) -> Path:
+    """About 2.5 minutes of DCGAN steps on this CPU, under a 1-minute time limit."""
+    return write_job(path, shard_root, model={"architecture": "dcgan", "ngf": 32, "ndf": 32},
+                     train={"steps": 5000, "batch_size": 64, "log_every": 25, "sample_every": 10_000,
+                            "checkpoint_every": 10_000},
+                     launch={"timeout_min": 1, **launch})
+
+
 def test_timeout_checkpoints_requeues_and_finishes(cluster, shard_root, tmp_path):
     # About 2.5 minutes of work under a 1-minute limit: SLURM's USR2 warning makes every rank
     # checkpoint after the current step, submitit requeues, and the run resumes from that step.
-    job = write_job(tmp_path / "long.yaml", shard_root, model={"architecture": "dcgan", "ngf": 32, "ndf": 32},
-                    train={"steps": 5000, "batch_size": 64, "log_every": 25, "sample_every": 10_000,
-                           "checkpoint_every": 10_000},
-                    launch={"timeout_min": 1, "max_requeues": 30})
+    job = long_job(tmp_path / "long.yaml", shard_root, max_requeues=30)
     r = submit(cluster, job, "--run-dir", tmp_path / "run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     record = wait_for(cluster, tmp_path / "run", 900)
@@ -164,10 +169,7 @@ def test_warning_during_start_up_is_not_lost(cluster, shard_root, tmp_path):
 
 def test_max_requeues_is_honoured(cluster, shard_root, tmp_path):
     # max_requeues: 0 -> the first time-limit warning still checkpoints, but the job ends there.
-    job = write_job(tmp_path / "once.yaml", shard_root, model={"architecture": "dcgan", "ngf": 32, "ndf": 32},
-                    train={"steps": 5000, "batch_size": 64, "log_every": 25, "sample_every": 10_000,
-                           "checkpoint_every": 10_000},
-                    launch={"timeout_min": 1, "max_requeues": 0})
+    job = long_job(tmp_path / "once.yaml", shard_root, max_requeues=0)
     r = submit(cluster, job, "--run-dir", tmp_path / "run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     record = wait_for(cluster, tmp_path / "run", 300)
