@@ -221,10 +221,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def launched_with_ranks() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def node_name() -> str:
     """SLURM's name for this node (several slurmd may share one host), else the host name."""
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
@@ -268,7 +264,3 @@ class StopRequest:
     @property
     def requeue(self) -> bool:
         return self.signal == signal.SIGUSR2
-
-    def uninstall(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)

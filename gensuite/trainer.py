@@ -108,6 +108,7 @@ class Trainer:
         self._build_optimizers()
         self.metrics = evaluation.resolve(job.eval, self.family)
         self.best: dict[str, Any] = {}  # {"value", "step"} of eval.best so far
+        self.protocol_logged = False  # the eval protocol text goes to TensorBoard once per run
         self.step = 0
         self.consumed = 0  # micro-batches this rank has drawn: the data position
         self.logger = RunLogger(self.run_dir, job, enabled=self.rt.is_main,
@@ -350,8 +351,7 @@ class Trainer:
         finally:
             for n, m in self.bare.items():
                 m.train(modes[n])
-        first = not getattr(self, "_protocol_logged", False)
-        self._protocol_logged = True
+        first, self.protocol_logged = not self.protocol_logged, True
         self.logger.eval_values(self.step, values,
                                 "\n\n".join(m.describe(ctx) for m in self.metrics) if first else None)
         name = self.job.eval.best
