@@ -226,7 +226,8 @@ class EvalConfig:
     seed: int = 1234  # evaluation noise, drawn per sample: the same on any number of ranks
     best: Optional[str] = None  # keep checkpoints/best.pt by this metric, e.g. iwae
     classifier: Optional[str] = None  # run dir or checkpoint of a classifier job on the same data (clf_fid, cond_acc)
-    n_samples: int = 10_000  # generated samples per evaluation
+    n_samples: int = 10_000  # generated samples per evaluation (50,000 to compare with papers)
+    inception_weights: Optional[str] = None  # InceptionV3 weights (else $GENSUITE_INCEPTION_WEIGHTS, hub cache)
 
     def __post_init__(self):
         _check(self.every is None or self.every >= 1, "eval.every", "must be >= 1 or null")

@@ -239,6 +239,8 @@ class Trainer:
                  f"ranks x {self.plan.accumulation} x {self.plan.micro}")
         fixed = {k: v.to(self.rt.device) for k, v in
                  self.family.fixed_inputs(job.log.grid_size, torch.Generator().manual_seed(job.train.seed)).items()}
+        for note in evaluation.skipped(job.eval, self.family):
+            log.info(f"eval: skipping {note}")
         reference = self._reference_batch()
         data = self._data()
         for m in self.modules.values():

@@ -51,7 +51,7 @@ def register_metric(metric: Metric) -> Metric:
 
 
 def _load_builtin() -> None:
-    from gensuite.evaluation import classification, judged, likelihood  # noqa: F401  (register their metrics)
+    from gensuite.evaluation import classification, inception, judged, likelihood  # noqa: F401  (register their metrics)
 
 
 def resolve(cfg: EvalConfig, family: Family) -> list[Metric]:
@@ -76,6 +76,14 @@ def resolve(cfg: EvalConfig, family: Family) -> list[Metric]:
             raise ConfigError("eval.best", f"{cfg.best!r} is not computed by this job's metrics; choose one of "
                                            f"{', '.join(sorted(produced)) or '(none)'}")
     return chosen
+
+
+def skipped(cfg: EvalConfig, family: Family) -> list[str]:
+    """Why default metrics that apply to the family were left out (their inputs are missing)."""
+    if cfg.metrics is not None:
+        return []
+    _load_builtin()
+    return [f"{m.name}: needs {m.needs(cfg)}" for m in METRICS.values() if m.applies(family) and m.needs(cfg)]
 
 
 def higher_is_better(metrics: list[Metric], value: str) -> bool:

@@ -56,10 +56,10 @@ class _PenultimateFeatures(nn.Module):
         return self.run.family.features(self.run.networks, x)
 
 
-def generated(ctx: EvalContext):
+def generated(ctx: EvalContext, with_start: bool = False):
     """(samples, labels or None) of this rank's share of ``eval.n_samples``: chunk j of the sample
     stream comes from seed (eval.seed, j) and goes to rank j mod world size, so the set of samples
-    does not depend on the number of ranks."""
+    does not depend on the number of ranks. ``with_start``: (index of the first sample, samples, labels)."""
     family, cfg = ctx.family, ctx.cfg
     per_chunk = len(next(iter(family.fixed_inputs(cfg.batch_size, torch.Generator().manual_seed(0)).values())))
     for j in range(ctx.rank, math.ceil(cfg.n_samples / per_chunk), ctx.world_size):
@@ -67,7 +67,8 @@ def generated(ctx: EvalContext):
         take = min(per_chunk, cfg.n_samples - j * per_chunk)
         fixed = {k: v[:take].to(ctx.device) for k, v in fixed.items()}
         with torch.no_grad():
-            yield family.sample(ctx.nets, fixed), fixed.get("y")
+            samples = family.sample(ctx.nets, fixed)
+        yield (j * per_chunk, samples, fixed.get("y")) if with_start else (samples, fixed.get("y"))
 
 
 @torch.no_grad()

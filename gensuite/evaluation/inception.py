@@ -1,0 +1,231 @@
+"""Inception metrics (FID, IS, KID, precision/recall) through torch-fidelity, split across ranks.
+
+Protocol: ``eval.n_samples`` generated samples (default 10,000; use 50,000 to compare with papers)
+against the ``eval.split`` split (first ``eval.max_samples``, else all). Every image is quantised
+to uint8 exactly as a saved PNG is, grey is replicated to RGB, and torch-fidelity's InceptionV3
+resizes to 299x299 with its TensorFlow-1-compatible bilinear interpolation (the reference FID
+implementation's behaviour). Features: the 2048-d pool layer (FID, KID, precision/recall) and the
+unbiased logits (IS, 10 splits). The metric math is torch-fidelity's; this module only feeds it.
+
+Weights never download here: ``eval.inception_weights``, else ``$GENSUITE_INCEPTION_WEIGHTS``, else
+torch hub's cache, which is where torch-fidelity itself would have saved them.
+Real-split features are cached beside the shards (``<shards>/.stats/``) under a key derived from
+the manifest's checksum, the split, the sample cap and the weights file, so every run and rank
+after the first reads them instead of recomputing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from gensuite.errors import ConfigError, GensuiteError
+from gensuite.evaluation import EvalContext, Metric, register_metric
+
+WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's converted TF weights
+WEIGHTS_ENV = "GENSUITE_INCEPTION_WEIGHTS"
+CACHE_VERSION = 1
+LAYERS = ("2048", "logits_unbiased")
+KID_SUBSETS, KID_SUBSET_SIZE, ISC_SPLITS, PRC_NEIGHBORHOOD, RNG_SEED = 100, 1000, 10, 3, 2020
+
+
+def hub_weights_path() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILE
+
+
+def weights_path(configured: str | None) -> Path:
+    """The weights file to load, or a one-line error saying where to put it."""
+    if configured:
+        path, origin = Path(configured).expanduser(), "eval.inception_weights"
+    elif os.environ.get(WEIGHTS_ENV):
+        path, origin = Path(os.environ[WEIGHTS_ENV]).expanduser(), f"${WEIGHTS_ENV}"
+    else:
+        path, origin = hub_weights_path(), "torch hub cache"
+    if not path.is_file():
+        raise ConfigError("eval.inception_weights",
+                          f"Inception weights not found at {path} ({origin}); copy torch-fidelity's {WEIGHTS_FILE} "
+                          f"there, or point eval.inception_weights or ${WEIGHTS_ENV} at it")
+    return path
+
+
+def _needs_weights(cfg) -> str | None:
+    try:
+        weights_path(cfg.inception_weights)
+    except ConfigError as e:
+        return str(e).split(": ", 1)[1]
+    return None
+
+
+_EXTRACTORS: dict[tuple[str, float, str], torch.nn.Module] = {}
+_DIGESTS: dict[tuple[str, float], str] = {}
+
+
+def file_digest(path: Path) -> str:
+    key = (str(path), path.stat().st_mtime)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+def extractor(path: Path, device: torch.device) -> torch.nn.Module:
+    """torch-fidelity's InceptionV3 with the given weights (loaded once per process and device)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    key = (str(path), path.stat().st_mtime, str(device))
+    if key not in _EXTRACTORS:
+        try:
+            net = FeatureExtractorInceptionV3("inception-v3-compat", list(LAYERS), feature_extractor_weights_path=str(path))
+        except (RuntimeError, KeyError, OSError, EOFError) as e:
+            raise GensuiteError(f"{path}: not torch-fidelity InceptionV3 weights ({str(e).splitlines()[0]}); "
+                                f"use {WEIGHTS_FILE}") from None
+        _EXTRACTORS[key] = net.to(device)
+    return _EXTRACTORS[key]
+
+
+def write_random_weights(path: str | Path, seed: int = 0) -> Path:
+    """A randomly initialised weights file in torch-fidelity's format (tests and benchmarks only).
+
+    Convolutions get He-normal init so activations keep their scale through the 94 layers: with
+    PyTorch's default init the pool features are ~1e-8 and every distance and score degenerates."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True):  # keep the random init
+            return None
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    empty = path.with_suffix(".empty")
+    torch.save({}, empty)
+    torch.manual_seed(seed)
+    try:
+        net = Unloaded("inception-v3-compat", list(LAYERS), feature_extractor_weights_path=str(empty))
+    finally:
+        empty.unlink()
+    for module in net.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.nn.init.normal_(net.fc.weight, std=2048 ** -0.5)  # logits of unit scale: IS away from 1
+    torch.save(net.state_dict(), path)
+    return path
+
+
+def to_uint8_rgb(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] float images -> uint8 RGB, rounded as torchvision's save_image rounds."""
+    images = images.float().clamp(0, 1).mul(255).add(0.5).floor().to(torch.uint8)
+    return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+
+
+@torch.no_grad()
+def features_in_order(net: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], total: int,
+                      device: torch.device, sum_across_ranks: Callable[[torch.Tensor], torch.Tensor],
+                      batch_size: int = 64) -> dict[str, torch.Tensor]:
+    """Features of ``total`` images, row i for image i, from (global indices, [0,1] images) batches
+    that are split across ranks. Each rank writes its rows into zeros and the ranks' tables are
+    summed: x + 0 is exact, so the result is the single-process table bit for bit."""
+    tables = {layer: torch.zeros(total, 2048 if layer == "2048" else 1008) for layer in LAYERS}
+    for indices, images in batches:
+        for start in range(0, len(images), batch_size):
+            part = to_uint8_rgb(images[start:start + batch_size].to(device))
+            for layer, values in zip(LAYERS, net(part)):
+                tables[layer][indices[start:start + batch_size]] = values.float().cpu()
+    return {layer: sum_across_ranks(table) for layer, table in tables.items()}
+
+
+def real_features(ctx: EvalContext, weights: Path) -> torch.Tensor:
+    """Pool features of the real split, from the cache beside the shards when present."""
+    from gensuite import checkpoint as ckpt
+    from gensuite.data.pipeline import iterate_split
+    from gensuite.data.shards import read_manifest
+
+    manifest = read_manifest(ctx.shard_dir)
+    count = manifest["splits"][ctx.cfg.split]["samples"]
+    total = min(count, ctx.cfg.max_samples or count)
+    path = stats_cache_path(ctx.shard_dir, ctx.cfg.split, total, weights)
+    if path.is_file():
+        return torch.load(path, weights_only=True)["2048"]
+    batches = ((i, b["x"]) for i, b in iterate_split(ctx.shard_dir, ctx.cfg.split, ctx.cfg.batch_size, ctx.rank,
+                                                      ctx.world_size, total))
+    table = features_in_order(extractor(weights, ctx.device), batches, total, ctx.device, ctx.sum_across_ranks)["2048"]
+    if ctx.rank == 0:
+        try:
+            path.parent.mkdir(exist_ok=True)
+            ckpt._atomic_save({"2048": table, "split": ctx.cfg.split, "samples": total, "weights": str(weights)}, path)
+        except OSError as e:  # a read-only dataset folder: still correct, only slower next time
+            print(f"[gensuite] warning: cannot cache real Inception features at {path}: {e}")
+    return table
+
+
+def stats_cache_path(shard_dir: Path, split: str, samples: int, weights: Path) -> Path:
+    manifest_digest = hashlib.sha256((Path(shard_dir) / "manifest.json").read_bytes()).hexdigest()
+    key = hashlib.sha256(f"{CACHE_VERSION}|{manifest_digest}|{split}|{samples}|{file_digest(weights)}".encode())
+    return Path(shard_dir) / ".stats" / f"inception-{split}-{samples}-{key.hexdigest()[:16]}.pt"
+
+
+def scores(generated: dict[str, torch.Tensor], real: torch.Tensor | None) -> dict[str, float]:
+    """torch-fidelity's metrics from feature tables (``generated`` has both layers)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    isc = isc_features_to_metric(generated["logits_unbiased"], splits=ISC_SPLITS, rng_seed=RNG_SEED)
+    out = {"is": isc["inception_score_mean"], "is_std": isc["inception_score_std"]}
+    if real is None:
+        return out
+    fake = generated["2048"]
+    fid = fid_statistics_to_metric(fid_features_to_statistics(fake), fid_features_to_statistics(real), verbose=False)
+    subset = min(KID_SUBSET_SIZE, len(fake), len(real))
+    kid = kid_features_to_metric(fake, real, kid_subsets=KID_SUBSETS, kid_subset_size=subset, kid_degree=3,
+                                 kid_gamma=None, kid_coef0=1, rng_seed=RNG_SEED, verbose=False)
+    prc = prc_features_to_metric(fake, real, prc_neighborhood=PRC_NEIGHBORHOOD, prc_batch_size=10000,
+                                 save_cpu_ram=False, verbose=False)
+    return {"fid": fid["frechet_inception_distance"], **out, "kid": kid["kernel_inception_distance_mean"],
+            "kid_std": kid["kernel_inception_distance_std"], "precision": prc["precision"], "recall": prc["recall"]}
+
+
+def generated_batches(ctx: EvalContext) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    from gensuite.evaluation.judged import generated
+
+    for start, samples, _ in generated(ctx, with_start=True):
+        yield torch.arange(start, start + len(samples)), samples
+
+
+def compute(ctx: EvalContext) -> dict:
+    weights = weights_path(ctx.cfg.inception_weights)
+    real = real_features(ctx, weights)
+    fake = features_in_order(extractor(weights, ctx.device), generated_batches(ctx), ctx.cfg.n_samples, ctx.device,
+                             ctx.sum_across_ranks)
+    return scores(fake, real)
+
+
+def describe(ctx: EvalContext) -> str:
+    split = ctx.cfg.split + (f" (first {ctx.cfg.max_samples})" if ctx.cfg.max_samples else "")
+    return (f"inception: FID, KID (100 subsets of <= {KID_SUBSET_SIZE}), IS ({ISC_SPLITS} splits), precision/recall "
+            f"(k={PRC_NEIGHBORHOOD}) by torch-fidelity {_fidelity_version()}; {ctx.cfg.n_samples} generated samples "
+            f"(seed {ctx.cfg.seed}) vs the {split} split; uint8 RGB, TF1-bilinear resize to 299x299; weights "
+            f"{weights_path(ctx.cfg.inception_weights).name} sha256 {file_digest(weights_path(ctx.cfg.inception_weights))[:12]}")
+
+
+def _fidelity_version() -> str:
+    import torch_fidelity
+
+    return torch_fidelity.__version__
+
+
+def _generates_images(family) -> bool:
+    from gensuite.evaluation.judged import _generates_images as images
+
+    return images(family)
+
+
+register_metric(Metric("inception", {"fid": False, "is": True, "kid": False, "precision": True, "recall": True},
+                       applies=_generates_images, needs=_needs_weights, compute=compute, describe=describe))
