@@ -96,6 +96,19 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_fid(args) -> int:
+    from gensuite.evaluation.inception import compare
+
+    values, about = compare(args.a, args.b, args.weights, args.n, args.split, args.seed, args.batch_size, args.device)
+    if args.json:
+        print(json.dumps({"values": values, "a": about[0], "b": about[1]}, indent=2))
+        return 0
+    print(f"A: {about[0]}\nB: {about[1]}")
+    for name, value in values.items():
+        print(f"{name:10s} {value:.6g}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gensuite", description="Train generative models as batch jobs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="PNG to write (default RUN_DIR/samples/sample-step<N>-seed<S>.png)")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("fid", help="Inception FID/KID/precision/recall (and IS of A) between two image sources")
+    p.add_argument("a", metavar="A", help="an image folder, a shard set folder, or a run directory/checkpoint")
+    p.add_argument("b", metavar="B", help="the reference: an image folder, a shard set folder, or a run")
+    p.add_argument("--weights", help="torch-fidelity InceptionV3 weights file (else $GENSUITE_INCEPTION_WEIGHTS, "
+                                     "then torch hub's cache)")
+    p.add_argument("--n", type=int, default=10_000, help="samples drawn from a run; cap on a shard split (10000)")
+    p.add_argument("--split", default="test", help="split of a shard set (default test)")
+    p.add_argument("--seed", type=int, help="sampling seed for runs (default: the run's eval.seed)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_fid)
 
     p = sub.add_parser("summary", help="print each network's architecture and parameter count")
     p.add_argument("job", metavar="JOB")

@@ -187,3 +187,47 @@ def test_two_ranks_give_the_single_process_values(shards, weights, tmp_path):
     for name in ("fid", "is", "kid", "precision", "recall"):
         logged = acc.Scalars(f"eval/{name}")[-1].value
         assert abs(logged - single[name]) <= 1e-6 * max(abs(single[name]), 1e-3), name
+
+
+def test_fid_command_compares_folders_shard_sets_and_runs(gan_run, weights, tmp_path):
+    from torchvision.utils import save_image
+
+    from gensuite.cli import main
+
+    _, run_dir = gan_run
+    ctx = context(run_dir)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(read_split(ctx.shard_dir, "test", 20)["x"]):
+        save_image(image, folder / f"{i:03d}.png")
+    # the same 20 images as PNG files and as shards: identical uint8 pixels, so FID ~ 0
+    values, about = inception.compare(str(folder), str(ctx.shard_dir), str(weights), n=20)
+    assert about == [f"20 images in folder {folder}", f"20 images of the test split of shard set {ctx.shard_dir}"]
+    assert abs(values["fid"]) < 1e-3 and values["precision"] == values["recall"] == 1.0
+    # a run against its shards: the number the training run logged for the same protocol
+    values, about = inception.compare(str(run_dir), str(ctx.shard_dir), str(weights), n=N)
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert values["fid"] == pytest.approx(acc.Scalars("eval/fid")[-1].value, rel=1e-6)
+    assert values["is"] == pytest.approx(acc.Scalars("eval/is")[-1].value, rel=1e-6)
+    assert about[0].startswith(f"{N} samples (seed 1234) of run ")
+
+    assert main(["fid", str(tmp_path / "nowhere"), str(folder), "--weights", str(weights)]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["fid", str(tmp_path / "empty"), str(folder), "--weights", str(weights)]) == 2
+
+
+def test_fid_command_line(gan_run, weights, tmp_path):
+    _, run_dir = gan_run
+    shard_dir = context(run_dir).shard_dir
+    result = subprocess.run([sys.executable, "-m", "gensuite", "fid", str(shard_dir), str(shard_dir), "--n", "24",
+                             "--weights", str(weights), "--json"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    import json
+
+    out = json.loads(result.stdout)
+    assert abs(out["values"]["fid"]) < 1e-3 and "is" not in out["values"]
+    result = subprocess.run([sys.executable, "-m", "gensuite", "fid", str(shard_dir), str(tmp_path), "--weights",
+                             str(tmp_path / "missing.pth")], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert f"Inception weights not found at {tmp_path / 'missing.pth'}" in result.stderr

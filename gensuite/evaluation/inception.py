@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -141,26 +142,36 @@ def features_in_order(net: torch.nn.Module, batches: Iterable[tuple[torch.Tensor
 
 
 def real_features(ctx: EvalContext, weights: Path) -> torch.Tensor:
-    """Pool features of the real split, from the cache beside the shards when present."""
+    """Pool features of the evaluation split."""
+    return shard_features(ctx.shard_dir, ctx.cfg.split, ctx.cfg.max_samples, weights, ctx.device, ctx.cfg.batch_size,
+                          ctx.rank, ctx.world_size, ctx.sum_across_ranks)
+
+
+def shard_features(shard_dir: Path, split: str, limit: int | None, weights: Path, device: torch.device,
+                   batch_size: int = 256, rank: int = 0, world_size: int = 1,
+                   sum_across_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
+    """Pool features of a shard split's first ``limit`` samples, from the cache beside the shards when present."""
     from gensuite import checkpoint as ckpt
     from gensuite.data.pipeline import iterate_split
     from gensuite.data.shards import read_manifest
 
-    manifest = read_manifest(ctx.shard_dir)
-    count = manifest["splits"][ctx.cfg.split]["samples"]
-    total = min(count, ctx.cfg.max_samples or count)
-    path = stats_cache_path(ctx.shard_dir, ctx.cfg.split, total, weights)
+    manifest = read_manifest(shard_dir)
+    if split not in manifest["splits"]:
+        raise GensuiteError(f"{Path(shard_dir) / 'manifest.json'}: no split {split!r}; it has "
+                            f"{', '.join(manifest['splits'])}")
+    count = manifest["splits"][split]["samples"]
+    total = min(count, limit or count)
+    path = stats_cache_path(shard_dir, split, total, weights)
     if path.is_file():
         return torch.load(path, weights_only=True)["2048"]
-    batches = ((i, b["x"]) for i, b in iterate_split(ctx.shard_dir, ctx.cfg.split, ctx.cfg.batch_size, ctx.rank,
-                                                      ctx.world_size, total))
-    table = features_in_order(extractor(weights, ctx.device), batches, total, ctx.device, ctx.sum_across_ranks)["2048"]
-    if ctx.rank == 0:
+    batches = ((i, b["x"]) for i, b in iterate_split(shard_dir, split, batch_size, rank, world_size, total))
+    table = features_in_order(extractor(weights, device), batches, total, device, sum_across_ranks)["2048"]
+    if rank == 0:
         try:
             path.parent.mkdir(exist_ok=True)
-            ckpt._atomic_save({"2048": table, "split": ctx.cfg.split, "samples": total, "weights": str(weights)}, path)
+            ckpt._atomic_save({"2048": table, "split": split, "samples": total, "weights": str(weights)}, path)
         except OSError as e:  # a read-only dataset folder: still correct, only slower next time
-            print(f"[gensuite] warning: cannot cache real Inception features at {path}: {e}")
+            print(f"[gensuite] warning: cannot cache real Inception features at {path}: {e}", file=sys.stderr)
     return table
 
 
@@ -171,14 +182,16 @@ def stats_cache_path(shard_dir: Path, split: str, samples: int, weights: Path) -
 
 
 def scores(generated: dict[str, torch.Tensor], real: torch.Tensor | None) -> dict[str, float]:
-    """torch-fidelity's metrics from feature tables (``generated`` has both layers)."""
+    """torch-fidelity's metrics from feature tables; IS needs the generated set's logits."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
 
-    isc = isc_features_to_metric(generated["logits_unbiased"], splits=ISC_SPLITS, rng_seed=RNG_SEED)
-    out = {"is": isc["inception_score_mean"], "is_std": isc["inception_score_std"]}
+    out = {}
+    if "logits_unbiased" in generated:
+        isc = isc_features_to_metric(generated["logits_unbiased"], splits=ISC_SPLITS, rng_seed=RNG_SEED)
+        out = {"is": isc["inception_score_mean"], "is_std": isc["inception_score_std"]}
     if real is None:
         return out
     fake = generated["2048"]
@@ -229,3 +242,68 @@ def _generates_images(family) -> bool:
 
 register_metric(Metric("inception", {"fid": False, "is": True, "kid": False, "precision": True, "recall": True},
                        applies=_generates_images, needs=_needs_weights, compute=compute, describe=describe))
+
+
+# -- `gensuite fid A B`: any two image sources -----------------------------------------------------
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def folder_batches(folder: Path, batch_size: int = 64):
+    """(indices, [0,1] images) of every image file in a folder, sorted by name; batches never mix sizes."""
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise GensuiteError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+    indices, images = [], []
+    for i, path in enumerate(files):
+        try:
+            with Image.open(path) as image:
+                tensor = pil_to_tensor(image.convert("RGB")).float() / 255
+        except OSError as e:
+            raise GensuiteError(f"{path}: not a readable image ({e})") from None
+        if images and (tensor.shape != images[0].shape or len(images) == batch_size):
+            yield torch.tensor(indices), torch.stack(images)
+            indices, images = [], []
+        indices.append(i)
+        images.append(tensor)
+    yield torch.tensor(indices), torch.stack(images)
+
+
+def source_features(source: str, weights: Path, device: torch.device, n: int, split: str, seed: int | None,
+                    batch_size: int) -> tuple[dict[str, torch.Tensor], str]:
+    """Feature tables of an image folder, a shard set (its ``split``) or a run (``n`` samples), and what it was."""
+    path = Path(source)
+    if (path / "manifest.json").is_file():
+        table = shard_features(path, split, n, weights, device, batch_size)
+        return {"2048": table}, f"{len(table)} images of the {split} split of shard set {path}"
+    if path.is_dir() and not ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()):
+        total = sum(1 for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        tables = features_in_order(extractor(weights, device), folder_batches(path), total, device, lambda t: t)
+        return tables, f"{total} images in folder {path}"
+    if path.exists():
+        from gensuite.config import EvalConfig
+        from gensuite.evaluation import EvalContext
+        from gensuite.sampling import load_run
+
+        run = load_run(path, device=str(device))
+        if run.family.data.kind != "image":
+            raise GensuiteError(f"{path}: a {run.job.family} run on {run.family.data.dataset} does not make images")
+        # the run's own eval seed and chunking unless told otherwise: the samples its logged values used
+        seed = run.job.eval.seed if seed is None else seed
+        ctx = EvalContext(run.family, run.networks, Path(run.job.data.root) / run.job.data.dataset,
+                          EvalConfig(n_samples=n, seed=seed, batch_size=run.job.eval.batch_size), device)
+        tables = features_in_order(extractor(weights, device), generated_batches(ctx), n, device, lambda t: t)
+        return tables, f"{n} samples (seed {seed}) of run {run.checkpoint} at step {run.step}"
+    raise GensuiteError(f"{source}: no such folder, shard set or run directory")
+
+
+def compare(a: str, b: str, weights: str | None = None, n: int = 10_000, split: str = "test", seed: int | None = None,
+            batch_size: int = 256, device: str = "cpu") -> tuple[dict[str, float], list[str]]:
+    """Inception metrics of A (the images judged) against B (the reference), and descriptions of both."""
+    path = weights_path(weights)
+    first, about_a = source_features(a, path, torch.device(device), n, split, seed, batch_size)
+    second, about_b = source_features(b, path, torch.device(device), n, split, seed, batch_size)
+    return scores(first, second["2048"]), [about_a, about_b]
