@@ -19,10 +19,12 @@ shards: venv
 
 demo: shards
 	$(VENV)/bin/gensuite train jobs/demo.yaml --run-dir $(RUN)
+	$(VENV)/bin/gensuite report $(RUN)
 	@echo
 	@echo "samples:      $(RUN)/samples/   (latest grid: $$(ls $(RUN)/samples/samples-*.png | tail -n 1))"
 	@echo "checkpoints:  $(RUN)/checkpoints/"
 	@echo "tensorboard:  $(RUN)/tb/"
+	@echo "report:       $(RUN)/report/index.md (curves, sample GIF, metrics table)"
 	@echo "view it with: $(VENV)/bin/tensorboard --logdir $(RUN)/tb"
 
 test: venv
@@ -34,6 +36,7 @@ test-fast: venv
 benchmarks: shards
 	$(PY) benchmarks/loop_overhead.py
 	$(PY) benchmarks/data_throughput.py
+	$(PY) benchmarks/eval_speed.py --inception-n 500
 
 clean:
 	rm -rf runs .pytest_cache

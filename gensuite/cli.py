@@ -1,4 +1,4 @@
-"""``gensuite validate | train | summary``: thin commands over the config loader and the trainer."""
+"""``gensuite validate | train | sample | fid | summary | report``: thin commands over the config loader and the trainer."""
 
 from __future__ import annotations
 
@@ -46,29 +46,12 @@ def cmd_train(args) -> int:
 
 
 def cmd_summary(args) -> int:
-    import torch
-
     from gensuite.config import load_job
-    from gensuite.data.shards import data_spec, read_manifest, static_data_spec
-    from gensuite.registry import get_family
+    from gensuite.report import job_data_spec, network_summary
 
     job = load_job(args.job, args.overrides)
-    shard_dir = Path(job.data.root) / job.data.dataset
-    try:
-        spec = data_spec(read_manifest(shard_dir))
-    except GensuiteError:  # no shards yet: the dataset's static facts are enough to build networks
-        spec = static_data_spec(job.data.dataset)
-    family = get_family(job.family)(job.model, spec)
-    torch.manual_seed(job.train.seed)
-    nets = family.build_networks()
-    report = {
-        name: {
-            "parameters": sum(p.numel() for p in net.parameters()),
-            "trainable": sum(p.numel() for p in net.parameters() if p.requires_grad),
-            "architecture": str(net),
-        }
-        for name, net in nets.items()
-    }
+    spec = job_data_spec(job)  # the shard manifest, else the dataset's static facts
+    report = network_summary(job, spec)
     if args.json:
         print(json.dumps({"job": job.name, "family": job.family, "flavor": job.flavor,
                           "data_shape": list(spec.shape), "networks": report}, indent=2))
@@ -106,6 +89,13 @@ def cmd_fid(args) -> int:
     print(f"A: {about[0]}\nB: {about[1]}")
     for name, value in values.items():
         print(f"{name:10s} {value:.6g}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from gensuite.report import write_report
+
+    print(write_report(args.runs, args.out))
     return 0
 
 
@@ -151,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _job_args(p)
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("report", help="curves, sample GIFs, tables and an index page from runs' TensorBoard logs")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run directory or a sweep root (several compare them)")
+    p.add_argument("--out", help="report folder (default RUN_DIR/report for one run or sweep root, else ./report)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

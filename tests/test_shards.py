@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from gensuite.data.pipeline import read_split
@@ -182,12 +183,65 @@ def test_missing_and_malformed_sources_name_the_file(tmp_path):
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
-    for args in (["mnist", "--src", str(tmp_path)], ["imagenet"], ["mnist"]):
+    for args in (["mnist", "--src", str(tmp_path)], ["imagenet"], ["mnist"], ["moons", "--validation", "-0.1"]):
         result = subprocess.run([sys.executable, str(ROOT / "shards" / "build.py"), *args, "--no-progress",
                                  "--out", str(tmp_path)], capture_output=True, text=True)
         assert result.returncode == 2, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
         assert result.stderr.startswith("error: ")
+        if "--validation" in args:
+            assert result.stderr.startswith("error: --validation: must be a fraction in [0, 1)")
+    assert not (tmp_path / "moons").exists()
+
+
+def tar_keys(paths) -> list[str]:
+    keys = set()
+    for path in paths:
+        with tarfile.open(path) as tar:
+            keys.update(m.name.split(".", 1)[0] for m in tar.getmembers())
+    return sorted(keys)
+
+
+def test_validation_split_takes_exactly_the_expected_training_samples(tmp_path):
+    plain = build("digits", None, str(tmp_path / "plain"), size=8, progress=False)
+    held = build("digits", None, str(tmp_path / "held"), size=8, validation=0.15, progress=False)
+    n = plain["splits"]["train"]["samples"]
+    # Training sample i goes to validation iff floor((i+1) f) > floor(i f), f = 0.15 = 3/20 exactly.
+    chosen = [i for i in range(n) if (i + 1) * 3 // 20 > i * 3 // 20]
+    kept = [i for i in range(n) if i not in set(chosen)]
+    assert len(chosen) == n * 3 // 20 == 225 and chosen[0] == 6 and chosen[-1] == n - 1
+    assert max(b - a for a, b in zip(chosen, chosen[1:])) == 7  # evenly spread: gaps of 6 or 7
+    assert list(held["splits"]) == ["train", "validation", "test"]
+    assert {k: v["samples"] for k, v in held["splits"].items()} == {"train": n - 225, "validation": 225, "test": 297}
+    assert held["params"] == {"size": 8, "validation": 0.15, "shard_size": 500}
+    assert held["splits"]["test"] == plain["splits"]["test"]  # byte-identical test shards
+    original = read_split(tmp_path / "plain" / "digits", "train", n)
+    train = read_split(tmp_path / "held" / "digits", "train", n)
+    validation = read_split(tmp_path / "held" / "digits", "validation", n)
+    assert torch.equal(validation["x"], original["x"][chosen]) and torch.equal(validation["y"], original["y"][chosen])
+    assert torch.equal(train["x"], original["x"][kept]) and torch.equal(train["y"], original["y"][kept])
+    assert tar_keys(shard_paths(tmp_path / "held" / "digits", "validation")) == [f"{i:08d}" for i in range(225)]
+
+
+def test_changing_the_validation_fraction_rebuilds(tmp_path, capsys):
+    folder = tmp_path / "moons"
+    build("moons", None, str(tmp_path), n=200, validation=0.1, progress=False)
+    build("moons", None, str(tmp_path), n=200, validation=0.1, progress=False)
+    assert "up to date" in capsys.readouterr().err
+    manifest = build("moons", None, str(tmp_path), n=200, validation=0.25, progress=False)
+    assert "rebuilding: build options" in capsys.readouterr().err
+    assert manifest["splits"]["validation"]["samples"] == 50 and manifest["splits"]["train"]["samples"] == 150
+    manifest = build("moons", None, str(tmp_path), n=200, progress=False)
+    assert "rebuilding" in capsys.readouterr().err and "validation" not in manifest["splits"]
+    assert not list(folder.glob("validation-*.tar"))  # stale validation shards are gone
+    # A manifest written before the option existed means validation 0: still up to date.
+    old = json.loads((folder / "manifest.json").read_text())
+    del old["params"]["validation"]
+    (folder / "manifest.json").write_text(json.dumps(old))
+    build("moons", None, str(tmp_path), n=200, progress=False)
+    assert "up to date" in capsys.readouterr().err
+    with pytest.raises(GensuiteError, match=r"^--validation: must be a fraction in \[0, 1\), got 1.0$"):
+        build("moons", None, str(tmp_path), n=200, validation=1.0, progress=False)
 
 
 def test_manifest_json_is_written_last_and_names_the_build_command(tmp_path):
@@ -195,5 +249,5 @@ def test_manifest_json_is_written_last_and_names_the_build_command(tmp_path):
         read_manifest(tmp_path / "mnist")
     build("moons", None, str(tmp_path), n=100, progress=False)
     manifest = json.loads((tmp_path / "moons" / "manifest.json").read_text())
-    assert manifest["params"] == {"n": 100, "noise": 0.05, "seed": 0, "shard_size": 4000}
+    assert manifest["params"] == {"n": 100, "noise": 0.05, "seed": 0, "validation": 0.0, "shard_size": 4000}
     assert manifest["builder_version"] >= 1 and manifest["kind"] == "points"

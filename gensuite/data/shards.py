@@ -1,8 +1,10 @@
-"""Shard sets: ``OUT/DATASET/{train,test}-NNNNNN.tar`` plus ``manifest.json``.
+"""Shard sets: ``OUT/DATASET/{train,validation,test}-NNNNNN.tar`` plus ``manifest.json``.
 
 Samples: ``__key__`` (index in split), ``png`` (images) or ``npy`` (float32 points), ``cls``
 (the label in ASCII). Tar members get a fixed mtime so rebuilding gives byte-identical shards and
-the manifest's sha256 values are reproducible.
+the manifest's sha256 values are reproducible. ``validation`` (a fraction f, any dataset) moves
+training sample i (in reader order) to a ``validation`` split iff floor((i+1)f) > floor(i f): exactly
+floor(n f) samples, evenly spread over the training order.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import hashlib
 import itertools
 import io
 import json
+import math
 import os
 import sys
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ from gensuite.data.sources import DATASETS, READERS, DatasetInfo
 
 BUILDER_VERSION = 1
 TAR_MTIME = 0.0
+GENERIC_PARAMS = {"validation": 0.0}  # build options of every dataset, with their defaults
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -57,6 +62,17 @@ def encode(sample: np.ndarray, kind: str) -> tuple[str, bytes]:
     return "png", buf.getvalue()
 
 
+def validation_fraction(value) -> Fraction:
+    """``--validation`` as an exact fraction (0.1 -> 1/10, so floor(n f) is exact), checked to be in [0, 1)."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        f = math.nan
+    if not 0 <= f < 1:
+        raise GensuiteError(f"--validation: must be a fraction in [0, 1), got {value!r}")
+    return Fraction(repr(f))
+
+
 def verify(folder: Path, manifest: dict) -> str | None:
     """None when every shard in the manifest is present with its checksum; else the first problem."""
     for split in manifest["splits"].values():
@@ -76,17 +92,21 @@ def build(dataset: str, src: str | None = None, out: str = "shards", shard_size:
     from tqdm import tqdm
 
     info = dataset_info(dataset)
-    unknown = set(params) - set(info.params)
+    options = {**info.params, **GENERIC_PARAMS}
+    unknown = set(params) - set(options)
     if unknown:
         raise GensuiteError(f"{dataset}: unknown build option {sorted(unknown)[0]!r}; it takes "
-                            f"{', '.join(info.params) or 'no options'}")
-    params = {**info.params, **{k: v for k, v in params.items() if v is not None}}
+                            f"{', '.join(options)}")
+    params = {**options, **{k: v for k, v in params.items() if v is not None}}
+    validation = validation_fraction(params["validation"])
+    params["validation"] = float(validation)
     params["shard_size"] = shard_size or info.shard_size
     folder = Path(out) / dataset
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())
-        if old.get("builder_version") == BUILDER_VERSION and old.get("params") == params:
+        # Manifests from before the generic options were built with their defaults.
+        if old.get("builder_version") == BUILDER_VERSION and {**GENERIC_PARAMS, **old.get("params", {})} == params:
             problem = verify(folder, old)
             if problem is None:
                 shards = sum(len(s["shards"]) for s in old["splits"].values())
@@ -97,7 +117,7 @@ def build(dataset: str, src: str | None = None, out: str = "shards", shard_size:
             print(f"{dataset}: rebuilding: build options or builder version changed", file=sys.stderr)
     folder.mkdir(parents=True, exist_ok=True)
     read = READERS[dataset]
-    reader_params = {k: v for k, v in params.items() if k != "shard_size"}
+    reader_params = {k: v for k, v in params.items() if k in info.params}
     splits: dict[str, dict[str, Any]] = {}
     writers: dict[str, Any] = {}
     counts: dict[str, int] = {}
@@ -119,7 +139,12 @@ def build(dataset: str, src: str | None = None, out: str = "shards", shard_size:
     records = read(src, **reader_params)
     first = next(records)  # bad source files fail here, before a progress bar is drawn
     with tqdm(desc=f"{dataset} shards", unit="sample", disable=not progress, file=sys.stderr) as bar:
+        train_index = 0
         for split, sample, label in itertools.chain([first], records):
+            if split == "train":
+                i, train_index = train_index, train_index + 1
+                if math.floor((i + 1) * validation) > math.floor(i * validation):
+                    split = "validation"
             if split not in splits:
                 splits[split] = {"samples": 0, "shards": []}
                 counts[split] = 0
@@ -206,12 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, help="moons: training points")
     parser.add_argument("--noise", type=float, help="moons: noise")
     parser.add_argument("--seed", type=int, help="moons: seed")
+    parser.add_argument("--validation", metavar="FRACTION",
+                        help="move this fraction of the training samples, evenly spread, to a validation split "
+                             "(default 0)")
     parser.add_argument("--verify-only", action="store_true", help="check checksums; build nothing")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     try:
         info = dataset_info(args.dataset)
-        options = {k: getattr(args, k) for k in info.params if getattr(args, k, None) is not None}
+        options = {k: getattr(args, k) for k in {**info.params, **GENERIC_PARAMS}
+                   if getattr(args, k, None) is not None}
         if args.verify_only:
             folder = Path(args.out) / args.dataset
             problem = verify(folder, read_manifest(folder))

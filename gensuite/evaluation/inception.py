@@ -199,10 +199,13 @@ def scores(generated: dict[str, torch.Tensor], real: torch.Tensor | None) -> dic
     subset = min(KID_SUBSET_SIZE, len(fake), len(real))
     kid = kid_features_to_metric(fake, real, kid_subsets=KID_SUBSETS, kid_subset_size=subset, kid_degree=3,
                                  kid_gamma=None, kid_coef0=1, rng_seed=RNG_SEED, verbose=False)
-    prc = prc_features_to_metric(fake, real, prc_neighborhood=PRC_NEIGHBORHOOD, prc_batch_size=10000,
-                                 save_cpu_ram=False, verbose=False)
-    return {"fid": fid["frechet_inception_distance"], **out, "kid": kid["kernel_inception_distance_mean"],
-            "kid_std": kid["kernel_inception_distance_std"], "precision": prc["precision"], "recall": prc["recall"]}
+    out.update(fid=fid["frechet_inception_distance"], kid=kid["kernel_inception_distance_mean"],
+               kid_std=kid["kernel_inception_distance_std"])
+    if min(len(fake), len(real)) > PRC_NEIGHBORHOOD:  # k-NN radii need more than k points in each set
+        prc = prc_features_to_metric(fake, real, prc_neighborhood=PRC_NEIGHBORHOOD, prc_batch_size=10000,
+                                     save_cpu_ram=False, verbose=False)
+        out.update(precision=prc["precision"], recall=prc["recall"])
+    return out
 
 
 def generated_batches(ctx: EvalContext) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
