@@ -1,4 +1,4 @@
-"""``gensuite validate | train | sample | fid | summary | report``: thin commands over the config loader and the trainer."""
+"""``gensuite validate | train | sample | fid | summary | report``: thin commands over the library."""
 
 from __future__ import annotations
 

@@ -63,7 +63,8 @@ def resolve(cfg: EvalConfig, family: Family) -> list[Metric]:
         chosen = []
         for i, name in enumerate(cfg.metrics):
             if name not in METRICS:
-                raise ConfigError(f"eval.metrics[{i}]", f"unknown metric {name!r}; available: {', '.join(sorted(METRICS))}")
+                raise ConfigError(f"eval.metrics[{i}]",
+                                  f"unknown metric {name!r}; available: {', '.join(sorted(METRICS))}")
             if not METRICS[name].applies(family):
                 raise ConfigError(f"eval.metrics[{i}]", f"{name} does not apply to the {family.name} family")
             missing = METRICS[name].needs(cfg)
