@@ -30,6 +30,21 @@ def hparams_of(job: JobConfig) -> dict[str, Any]:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 
 
+def wait_for_later_event_file_name(tb_dir: Path) -> None:
+    """Make the next event file sort after the existing ones.
+
+    TensorBoard reads a folder's event files in name order, and a name is
+    ``events.out.tfevents.<unix second>.<host>.<pid>.<writer counter>``: two writers started in the
+    same second by one process sort by the counter as text, so writer 10 would be read before writer 9
+    and a resumed run's values would be overwritten by the older ones. Waiting for the next second
+    (only ever needed when a run resumes within a second, as in tests) keeps name order = time order.
+    """
+    latest = max((int(f.name.split(".")[3]) for f in Path(tb_dir).glob("events.out.tfevents.*")
+                  if f.name.split(".")[3].isdigit()), default=-1)
+    while int(time.time()) <= latest:
+        time.sleep(0.05)
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, job: JobConfig, enabled: bool, origin: str = ""):
         self.run_dir, self.job, self.enabled = Path(run_dir), job, enabled
@@ -65,6 +80,7 @@ class RunLogger:
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
 
+        wait_for_later_event_file_name(self.tb_dir)
         # purge_step: after a resume TensorBoard drops events the crashed run logged past the checkpoint.
         self.writer = SummaryWriter(str(self.tb_dir), purge_step=trainer.step + 1 if resumed else None)
         self.writer.add_text("config", "    " + dump_yaml(self.job).replace("\n", "\n    "), trainer.step)

@@ -37,6 +37,11 @@ class DataSpec:
     num_classes: int = 0
     class_names: tuple[str, ...] = ()
     samples: Mapping[str, int] = field(default_factory=dict)  # per split
+    # Extra per-sample fields beside "x"/"y": name -> {"kind": "png"|"npy"|"json", "shape": [...]},
+    # e.g. "embeddings" (10, 1024) text embeddings, "captions" (a list of strings), "hires" images.
+    fields: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    # How the text fields were embedded: {"name": "char_cnn_rnn"|"hashing"|"sentence", ...options}; {} if none.
+    text_encoder: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def channels(self) -> int:

@@ -227,3 +227,18 @@ def test_a_path_that_is_not_a_run_is_a_one_line_error(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"error: {tmp_path / name}: ") and message in err, err
         assert len(err.strip().splitlines()) == 1
+
+
+def test_a_resumed_runs_event_file_sorts_after_the_earlier_one(tmp_path):
+    """Two writers started by one process in the same second must not be read out of order
+    (writer counter 10 sorts before 9 as text)."""
+    import time
+
+    from gensuite.logger import wait_for_later_event_file_name
+
+    now = int(time.time())
+    (tmp_path / f"events.out.tfevents.{now + 1:010d}.host.1.9").write_bytes(b"")
+    wait_for_later_event_file_name(tmp_path)
+    assert int(time.time()) >= now + 2
+    later = f"events.out.tfevents.{int(time.time()):010d}.host.1.10"
+    assert sorted([later, f"events.out.tfevents.{now + 1:010d}.host.1.9"])[-1] == later

@@ -209,7 +209,8 @@ def data_spec(manifest: dict):
 
     return DataSpec(dataset=manifest["dataset"], kind=manifest["kind"], shape=tuple(manifest["shape"]),
                     num_classes=manifest["num_classes"], class_names=tuple(manifest["class_names"]),
-                    samples={k: v["samples"] for k, v in manifest["splits"].items()})
+                    samples={k: v["samples"] for k, v in manifest["splits"].items()},
+                    fields=manifest.get("fields", {}), text_encoder=manifest.get("text_encoder", {}))
 
 
 def static_data_spec(dataset: str, **params):
