@@ -68,10 +68,11 @@ def cmd_sample(args) -> int:
     from gensuite.sampling import draw, load_run, save_samples
 
     run = load_run(args.run)
-    samples = draw(run, args.n, args.seed, args.label)
+    samples = draw(run, args.n, args.seed, args.label, args.text)
     out = Path(args.out) if args.out else (
         Path(args.run) / "samples" / f"sample-step{run.step}-seed{args.seed}"
-                                     f"{'' if args.label is None else f'-class{args.label}'}.png"
+                                     f"{'' if args.label is None else f'-class{args.label}'}"
+                                     f"{'' if args.text is None else '-text'}.png"
         if Path(args.run).is_dir() else Path("samples.png"))
     save_samples(samples, run.family, out)
     weights = "EMA" if any(run.networks.ema(n) is not run.networks[n] for n in run.networks) else "trained"
@@ -119,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN_DIR", help="a run directory (latest checkpoint) or a checkpoint file")
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--class", dest="label", type=int, help="draw every sample of this class (conditional runs)")
+    p.add_argument("--text", help="draw every sample for this caption (text-to-image runs whose text encoder "
+                                  "can embed new text: hashing or sentence)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="PNG to write (default RUN_DIR/samples/sample-step<N>-seed<S>.png)")
     p.set_defaults(func=cmd_sample)

@@ -46,8 +46,12 @@ class OptimizerSpec:
     weight_decay: float = 0.0
     momentum: float = 0.0  # sgd / rmsprop
     eps: float = 1e-8
-    schedule: Literal["constant", "cosine", "linear"] = "constant"  # decay after warmup, to 0 at the end
+    # After warm-up: constant; cosine or linear decay to 0 at the last step; or step: multiply by
+    # decay_factor every decay_every_epochs epochs (StackGAN halves its rates every 50/100 epochs).
+    schedule: Literal["constant", "cosine", "linear", "step"] = "constant"
     warmup_steps: int = 0
+    decay_every_epochs: Optional[float] = None  # schedule: step
+    decay_factor: float = 0.5  # schedule: step
     grad_clip: Optional[float] = None  # max global grad norm; None logs the norm without clipping
 
     def __post_init__(self):
@@ -55,6 +59,9 @@ class OptimizerSpec:
         _check(all(0 <= b < 1 for b in self.betas), "optim.betas", "each beta must be in [0, 1)")
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _check(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _check(self.schedule != "step" or (self.decay_every_epochs or 0) > 0, "optim.decay_every_epochs",
+               "schedule: step needs decay_every_epochs > 0 (e.g. 50)")
+        _check(0 < self.decay_factor <= 1, "optim.decay_factor", "must be in (0, 1]")
         _check(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", "must be > 0 or null")
 
 

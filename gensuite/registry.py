@@ -11,7 +11,10 @@ sampler. The training loop in ``gensuite.trainer`` knows nothing else about it. 
 - frozen sub-networks loaded from another run (StackGAN Stage-II uses Stage-I's generator):
   ``frozen_networks()`` names them and the run directory or checkpoint they come from;
 - conditioning on class labels (``batch["y"]``) or other fields such as text embeddings
-  (any extra key of the batch).
+  (any extra key of the batch); families that sample for held-out conditions (text-to-image) ask
+  for ``held_out_conditions`` samples of the eval split once, through ``set_conditions``, and keep
+  them in their state so a checkpoint alone can sample. Their fixed inputs carry the condition
+  under "embedding", which ``gensuite sample --text`` replaces.
 """
 
 from __future__ import annotations
@@ -101,6 +104,8 @@ class Family(Protocol):
     name: ClassVar[str]
     config_class: ClassVar[type]  # dataclass for the job's `model:` section
     flavors: ClassVar[Mapping[str, Mapping[str, Any]]]  # flavor -> defaults for `model:`
+    debug_dataset: ClassVar[str]  # the embedded shard set its debug flavor is tested on
+    held_out_conditions: ClassVar[int]  # eval-split samples handed to set_conditions; 0: none
 
     def __init__(self, cfg: Any, data: DataSpec) -> None: ...
 
@@ -125,8 +130,12 @@ class Family(Protocol):
     def grid_nrow(self, n: int) -> int:
         """Images per row when ``n`` samples are shown as a grid (e.g. one row per class)."""
 
-    def frozen_networks(self) -> dict[str, str]:
-        """Networks loaded from another run and never trained: name -> run dir or checkpoint."""
+    def frozen_networks(self) -> dict[str, str | tuple[str, str]]:
+        """Networks loaded from another run and never trained: name -> run dir or checkpoint, or
+        (run dir or checkpoint, the network's name there)."""
+
+    def set_conditions(self, held_out: Batch) -> None:
+        """Held-out conditions (e.g. test captions and their embeddings) to draw fixed inputs from."""
 
     def state_dict(self) -> dict[str, Any]:
         """Extra training state to checkpoint (e.g. an EBM replay buffer); tensors and plain data."""
@@ -141,6 +150,8 @@ class GenerativeFamily:
     name: ClassVar[str] = ""
     config_class: ClassVar[type]
     flavors: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
+    debug_dataset: ClassVar[str] = "digits"
+    held_out_conditions: ClassVar[int] = 0
 
     def __init__(self, cfg: Any, data: DataSpec) -> None:
         self.cfg = cfg
@@ -167,8 +178,11 @@ class GenerativeFamily:
     def grid_nrow(self, n: int) -> int:
         return max(1, round(n ** 0.5))
 
-    def frozen_networks(self) -> dict[str, str]:
+    def frozen_networks(self) -> dict[str, str | tuple[str, str]]:
         return {}
+
+    def set_conditions(self, held_out: Batch) -> None:
+        pass
 
     def state_dict(self) -> dict[str, Any]:
         return {}

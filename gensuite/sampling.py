@@ -37,6 +37,7 @@ def load_run(source: str | Path, device: str = "cpu") -> TrainedRun:
     state = ckpt.load_checkpoint(path)
     job = job_from_dict(state["config"])
     family = get_family(job.family)(job.model, data_spec_from_state(state))
+    family.load_state_dict(state.get("family", {}))  # e.g. the held-out captions a text run samples for
     modules = family.build_networks()
     ema = {}
     for name, module in modules.items():
@@ -51,8 +52,9 @@ def load_run(source: str | Path, device: str = "cpu") -> TrainedRun:
 
 
 @torch.no_grad()
-def draw(run: TrainedRun, n: int, seed: int = 0, label: int | None = None) -> torch.Tensor:
-    """``n`` samples from the run's sampler (fixed inputs drawn from ``seed``; all of class ``label``)."""
+def draw(run: TrainedRun, n: int, seed: int = 0, label: int | None = None, text: str | None = None) -> torch.Tensor:
+    """``n`` samples from the run's sampler (fixed inputs drawn from ``seed``; all of class ``label``;
+    all for the caption ``text``)."""
     asked = n
     while True:  # class-conditional families draw n // classes per class: ask until there are n
         fixed = run.family.fixed_inputs(asked, torch.Generator().manual_seed(seed))
@@ -68,7 +70,21 @@ def draw(run: TrainedRun, n: int, seed: int = 0, label: int | None = None) -> to
             raise GensuiteError(f"--class: {label} is not a class of {run.family.data.dataset} "
                                 f"(0..{classes - 1}: {', '.join(run.family.data.class_names)})")
         fixed["y"] = torch.full_like(fixed["y"], label)
+    if text is not None:
+        fixed["embedding"] = embed_text(run, text).to(fixed["embedding"]).expand(len(fixed["embedding"]), -1)
     return run.family.sample(run.networks, fixed)
+
+
+def embed_text(run: TrainedRun, text: str) -> torch.Tensor:
+    """(1, T) embedding of new text by the encoder the run's shards were embedded with, or a
+    one-line error saying why this run cannot take new text."""
+    from gensuite.text import encoder_for
+
+    encoder = run.family.data.text_encoder
+    if not encoder:
+        raise GensuiteError(f"--text: this {run.job.family}/{run.job.flavor} run on {run.family.data.dataset} "
+                            f"is not text-conditioned")
+    return torch.as_tensor(encoder_for(encoder).embed([text]), dtype=torch.float32)
 
 
 def save_samples(samples: torch.Tensor, family: Family, out: Path) -> None:

@@ -31,6 +31,9 @@ from gensuite.logger import RunLogger
 from gensuite.registry import Family, Networks, Player, get_family
 
 
+CONDITION_FIELDS = {"embeddings", "captions"}  # what a family's held-out conditions are made of
+
+
 @dataclass
 class BatchPlan:
     """How the global batch maps onto ranks and accumulation micro-steps."""
@@ -64,18 +67,26 @@ def build_optimizer(params: list[nn.Parameter], spec: OptimizerSpec) -> torch.op
                                weight_decay=spec.weight_decay)
 
 
-def lr_factor(spec: OptimizerSpec, total_steps: int):
-    """Linear warm-up, then constant, cosine or linear decay to zero at the last step."""
+def lr_factor(spec: OptimizerSpec, total_steps: int, steps_per_epoch: float = 1.0):
+    """Linear warm-up, then constant, step decay every ``decay_every_epochs``, or cosine or linear
+    decay to zero at the last step."""
 
     def factor(step: int) -> float:
         if step < spec.warmup_steps:
             return (step + 1) / spec.warmup_steps
         if spec.schedule == "constant":
             return 1.0
+        if spec.schedule == "step":
+            return spec.decay_factor ** int(step // (spec.decay_every_epochs * steps_per_epoch))
         progress = min(1.0, (step - spec.warmup_steps) / max(1, total_steps - spec.warmup_steps))
         return 0.5 * (1 + math.cos(math.pi * progress)) if spec.schedule == "cosine" else 1.0 - progress
 
     return factor
+
+
+def to_device(batch: dict[str, Any], device) -> dict[str, Any]:
+    """Tensors moved to ``device``; other fields (caption lists) kept as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def set_trainable(module: nn.Module, trainable: bool) -> None:
@@ -101,8 +112,12 @@ class Trainer:
             raise ConfigError("train.batch_size", f"{self.plan.global_batch} exceeds the "
                                                   f"{self.spec.samples['train']} training samples")
         data_steps = sum(p.steps for p in self.players if p.consumes_data) or 1
-        self.total_steps = job.train.steps or max(1, round(job.train.epochs * self.batches_per_epoch / data_steps))
+        self.steps_per_epoch = self.batches_per_epoch / data_steps
+        self.total_steps = job.train.steps or max(1, round(job.train.epochs * self.steps_per_epoch))
 
+        if self.family.held_out_conditions:  # e.g. test captions to sample for; kept in checkpoints
+            self.family.set_conditions(read_split(self.shard_dir, self._held_out_split(),
+                                                  self.family.held_out_conditions, fields=CONDITION_FIELDS))
         seed_everything(job.train.seed)  # identical initial weights on every rank
         self._build_networks()
         self._build_optimizers()
@@ -122,7 +137,14 @@ class Trainer:
         nets = self.family.build_networks()
         frozen = self.family.frozen_networks()
         for name, source in frozen.items():
-            nets[name].load_state_dict(load_network(source, name))
+            source, name_there = source if isinstance(source, tuple) else (source, name)
+            weights = load_network(source, name_there)
+            try:
+                nets[name].load_state_dict(weights)
+            except RuntimeError as e:  # a shape mismatch lists every tensor: keep the first line
+                raise GensuiteError(f"{source}: network {name_there!r} does not fit this job's {name} "
+                                    f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}); "
+                                    f"train it with matching model settings") from None
             set_trainable(nets[name], False)
             nets[name].eval()
         owners = {n: p.name for p in self.players for n in p.networks}
@@ -153,7 +175,8 @@ class Trainer:
             params = [q for n in p.networks for q in self.modules[n].parameters()]
             opt = build_optimizer(params, spec)
             # Not prepared by Accelerate: its scheduler wrapper steps once per process.
-            self.schedulers[p.name] = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(spec, self.total_steps))
+            self.schedulers[p.name] = torch.optim.lr_scheduler.LambdaLR(
+                opt, lr_factor(spec, self.total_steps, self.steps_per_epoch))
             if self.deepspeed:
                 ds = self.job.train.deepspeed
                 config = deepspeed_config(ds.zero_stage, ds.offload_optimizer, self.plan.micro,
@@ -215,6 +238,10 @@ class Trainer:
                          + ("" if saved_world == self.rt.world_size else
                             f" (world size {saved_world} -> {self.rt.world_size}: data order and RNG re-derived)"))
 
+    def _held_out_split(self) -> str:
+        return next((s for s in (self.job.eval.split, "test", "validation") if s in self.manifest["splits"]),
+                    "train")
+
     def _data(self):
         shards = split_shards(self.manifest, self.shard_dir, "train")
         stream = ShardStream(shards, self.spec.kind, self.spec.channels, self.plan.micro,
@@ -226,7 +253,7 @@ class Trainer:
         batches = []
         for _ in range(self.plan.accumulation):
             batch = next(data)
-            batches.append({k: v.to(self.rt.device, non_blocking=True) for k, v in batch.items()})
+            batches.append(to_device(batch, self.rt.device))
             self.consumed += 1
         return batches
 
@@ -376,8 +403,7 @@ class Trainer:
         split = self.job.data.reference_split
         if split not in self.manifest["splits"]:
             split = "train"
-        batch = read_split(self.shard_dir, split, self.job.log.grid_size)
-        return {k: v.to(self.rt.device) for k, v in batch.items()}
+        return to_device(read_split(self.shard_dir, split, self.job.log.grid_size), self.rt.device)
 
     @torch.no_grad()
     def log_visuals(self, fixed, reference) -> None:
@@ -454,6 +480,26 @@ def load_network(source: str, name: str) -> dict[str, torch.Tensor]:
     return ema if ema is not None else state["networks"][name]
 
 
+def architecture_text(nets: dict[str, nn.Module], frozen: dict[str, Any]) -> str:
+    """Every network's structure and parameter count, as written to <run>/architecture.txt."""
+    parts = []
+    for name, net in nets.items():
+        count = sum(p.numel() for p in net.parameters())
+        origin = f", frozen, loaded from {frozen[name]}" if name in frozen else ""
+        parts.append(f"== {name}: {type(net).__name__}, {count:,} parameters{origin}\n{net}\n")
+    total = sum(p.numel() for net in nets.values() for p in net.parameters())
+    return "\n".join(parts) + f"\ntotal: {total:,} parameters\n"
+
+
+def preflight(job: JobConfig) -> None:
+    """What a queued job would fail on at once, checked before it is queued: its shards, its
+    model settings, and the runs its frozen networks come from (one-line errors)."""
+    spec = data_spec(read_manifest(Path(job.data.root) / job.data.dataset))
+    family = get_family(job.family)(job.model, spec)
+    for source in family.frozen_networks().values():
+        ckpt.resolve_checkpoint(source[0] if isinstance(source, tuple) else source)
+
+
 def train(job: JobConfig, run_dir: str | Path, stop: StopRequest | None = None) -> dict[str, float]:
     """Run (or resume) a job; returns the final logged metrics on rank 0.
 
@@ -465,6 +511,8 @@ def train(job: JobConfig, run_dir: str | Path, stop: StopRequest | None = None) 
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(job))
     trainer = Trainer(job, run_dir, runtime, stop)
+    if runtime.is_main:
+        (run_dir / "architecture.txt").write_text(architecture_text(trainer.bare, trainer.family.frozen_networks()))
     try:
         return trainer.run()
     finally:

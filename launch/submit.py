@@ -73,6 +73,10 @@ def main(argv=None) -> int:
             print(f"#   [{i}] {t.run_dir}  {sets}".rstrip())
         return 0
 
+    from gensuite.trainer import preflight
+
+    for task in tasks:  # fail here, not in the queue: missing shards, a Stage-I run not trained yet
+        preflight(task.job)
     if not use_slurm:
         slurm.run_locally(tasks)
         print(f"view with: tensorboard --logdir {run_root}")

@@ -11,10 +11,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def shard_root(tmp_path_factory) -> Path:
-    """Small real shard sets built once per session: digits at 16x16 and two-moons."""
+    """Small real shard sets built once per session: digits at 16x16, two-moons, and captioned
+    shapes at 38 px (cropped to 32, then resized to the debug StackGAN's 16 px) with 16-d text."""
     from gensuite.data.shards import build
 
     root = tmp_path_factory.mktemp("shards")
     build("digits", None, str(root), size=16, progress=False)
     build("moons", None, str(root), n=2000, progress=False)
+    build("shapes", None, str(root), n=96, n_test=24, size=38, text_dim=16, progress=False)
     return root

@@ -20,11 +20,11 @@ from gensuite.trainer import Trainer, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_job(shard_root, family="gan", flavor="debug", **train_kw):
+def make_job(shard_root, family="gan", flavor="debug", dataset="digits", **train_kw):
     train_cfg = dict(steps=6, batch_size=16, log_every=2, sample_every=3, checkpoint_every=3, seed=3)
     train_cfg.update(train_kw)
     return job_from_dict({"name": f"{family}-test", "family": family, "flavor": flavor,
-                          "data": {"dataset": "digits", "root": str(shard_root), "shuffle_buffer": 64},
+                          "data": {"dataset": dataset, "root": str(shard_root), "shuffle_buffer": 64},
                           "train": train_cfg, "log": {"grid_size": 16, "progress_bar": False}})
 
 
@@ -38,7 +38,7 @@ def events(run_dir) -> EventAccumulator:
 def test_every_family_debug_flavor_trains_through_the_loop(shard_root, tmp_path, name):
     cls = families()[name]
     assert "debug" in cls.flavors, f"family {name} needs a debug flavor"
-    metrics = train(make_job(shard_root, name, steps=4, checkpoint_every=4), tmp_path)
+    metrics = train(make_job(shard_root, name, dataset=cls.debug_dataset, steps=4, checkpoint_every=4), tmp_path)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000004.pt"]
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
     assert state["step"] == 4 and state["config"]["family"] == name

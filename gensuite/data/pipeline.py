@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,26 +45,44 @@ def _rng(*parts) -> random.Random:
     return random.Random("-".join(map(str, parts)))  # str seeds hash with sha512: stable everywhere
 
 
-def decode_sample(sample: dict, kind: str, channels: int) -> dict:
+def decode_sample(sample: dict, kind: str, channels: int, fields: set[str] | None = None) -> dict:
+    """"x" and "y", plus the extra fields named in ``fields`` (None: all): <name>.npy -> tensor,
+    <name>.png -> uint8 (3, H, W) tensor, <name>.json -> Python object. Skipped fields are never decoded,
+    so a consumer pays nothing for large extras it does not use (e.g. high-resolution images)."""
     out = {"y": int(sample["cls"])} if "cls" in sample else {}
     if kind == "image":
         image = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("L" if channels == 1 else "RGB"))
         out["x"] = torch.from_numpy(image.reshape(image.shape[0], image.shape[1], channels).transpose(2, 0, 1).copy())
     else:
         out["x"] = torch.from_numpy(np.load(io.BytesIO(sample["npy"])))
-    for key, value in sample.items():  # extra fields, e.g. text embeddings stored as <name>.npy
-        if key.endswith(".npy"):
-            out[key[:-4]] = torch.from_numpy(np.load(io.BytesIO(value)))
+    for key, value in sample.items():
+        name, _, ext = key.rpartition(".")
+        if not name or (fields is not None and name not in fields):
+            continue
+        if ext == "npy":
+            out[name] = torch.from_numpy(np.load(io.BytesIO(value)))
+        elif ext == "png":
+            image = np.asarray(Image.open(io.BytesIO(value)).convert("RGB"))
+            out[name] = torch.from_numpy(image.transpose(2, 0, 1).copy())
+        elif ext == "json":
+            out[name] = json.loads(value.decode("utf-8"))
     return out
 
 
 def collate(samples: list[dict]) -> dict:
+    """Tensors are stacked (uint8 images -> float in [0, 1]), numbers become a tensor, anything else
+    (captions and other JSON fields) stays a Python list."""
     batch = {}
     for key in samples[0]:
         values = [s[key] for s in samples]
-        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.tensor(values)
-    if batch["x"].dtype == torch.uint8:
-        batch["x"] = batch["x"].float().div_(255.0)
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+            if batch[key].dtype == torch.uint8 and (key == "x" or batch[key].ndim == 4):
+                batch[key] = batch[key].float().div_(255.0)
+        elif isinstance(values[0], (int, float)) and not isinstance(values[0], bool):
+            batch[key] = torch.tensor(values)
+        else:
+            batch[key] = values
     return batch
 
 
@@ -72,12 +91,13 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: list[ShardInfo], kind: str, channels: int, batch_size: int,
                  batches_per_epoch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle_buffer: int = 1000, start_batch: int = 0):
+                 shuffle_buffer: int = 1000, start_batch: int = 0, fields: set[str] | None = None):
         super().__init__()
         self.shards, self.kind, self.channels = shards, kind, channels
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.start_batch = shuffle_buffer, start_batch
+        self.fields = None if fields is None else set(fields)  # extra fields to decode; None: all
 
     def rank_shards(self, epoch: int) -> list[ShardInfo]:
         """This rank's shards for an epoch: a seeded shuffle shared by all ranks, then split by node."""
@@ -116,7 +136,7 @@ class ShardStream(IterableDataset):
                 if not chunk:
                     break
                 if (index - self.start_batch) % workers == worker:
-                    yield collate([decode_sample(s, self.kind, self.channels) for s in chunk])
+                    yield collate([decode_sample(s, self.kind, self.channels, self.fields) for s in chunk])
                 index += 1
             epoch, offset = epoch + 1, 0
 
@@ -127,19 +147,21 @@ def make_loader(stream: ShardStream, workers: int) -> DataLoader:
                       persistent_workers=False, prefetch_factor=4 if workers else None)
 
 
-def read_split(shard_dir: str | Path, split: str, limit: int) -> dict:
-    """The first ``limit`` samples of a split in stored order, as one batch (reference images)."""
+def read_split(shard_dir: str | Path, split: str, limit: int, fields: set[str] | None = None) -> dict:
+    """The first ``limit`` samples of a split in stored order, as one batch (reference images);
+    ``fields``: the extra fields to decode (None: all)."""
     manifest = read_manifest(shard_dir)
     shape = manifest["shape"]
     shards = [{"url": s.path} for s in split_shards(manifest, shard_dir, split)]
     raw = itertools.islice(wds.tarfile_to_samples()(iter(shards)), limit)
-    return collate([decode_sample(s, manifest["kind"], shape[0]) for s in raw])
+    return collate([decode_sample(s, manifest["kind"], shape[0], fields) for s in raw])
 
 
 def iterate_split(shard_dir: str | Path, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
-                  limit: int | None = None):
+                  limit: int | None = None, fields: set[str] | None = None):
     """(indices, batch) over this rank's share of a split: samples i with i % world_size == rank, in
-    stored order, among the first ``limit``. Every sample is seen by exactly one rank."""
+    stored order, among the first ``limit``. Every sample is seen by exactly one rank. ``fields``: the
+    extra fields to decode (None: all)."""
     manifest = read_manifest(shard_dir)
     shards = [{"url": s.path} for s in split_shards(manifest, shard_dir, split)]
     raw = wds.tarfile_to_samples()(iter(shards))
@@ -148,7 +170,7 @@ def iterate_split(shard_dir: str | Path, split: str, batch_size: int, rank: int 
         if i % world_size != rank:
             continue  # not decoded: the other ranks take it
         indices.append(i)
-        samples.append(decode_sample(sample, manifest["kind"], manifest["shape"][0]))
+        samples.append(decode_sample(sample, manifest["kind"], manifest["shape"][0], fields))
         if len(samples) == batch_size:
             yield torch.tensor(indices), collate(samples)
             indices, samples = [], []

@@ -1,7 +1,9 @@
 """Shard sets: ``OUT/DATASET/{train,validation,test}-NNNNNN.tar`` plus ``manifest.json``.
 
 Samples: ``__key__`` (index in split), ``png`` (images) or ``npy`` (float32 points), ``cls``
-(the label in ASCII). Tar members get a fixed mtime so rebuilding gives byte-identical shards and
+(the label in ASCII), plus any extra fields a reader yields: ``<name>.png`` (uint8 (H, W, C) images),
+``<name>.npy`` (other arrays, float32 or float16) or ``<name>.json`` (captions and other plain data); the
+manifest's ``fields`` lists them with their kind and shape. Tar members get a fixed mtime so rebuilding gives byte-identical shards and
 the manifest's sha256 values are reproducible. ``validation`` (a fraction f, any dataset) moves
 training sample i (in reader order) to a ``validation`` split iff floor((i+1)f) > floor(i f): exactly
 floor(n f) samples, evenly spread over the training order.
@@ -10,12 +12,14 @@ floor(n f) samples, evenly spread over the training order.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import io
 import json
 import math
 import os
+import re
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -62,6 +66,23 @@ def encode(sample: np.ndarray, kind: str) -> tuple[str, bytes]:
     return "png", buf.getvalue()
 
 
+def encode_extra(name: str, value) -> tuple[str, bytes, dict]:
+    """One extra field as (tar key, payload, manifest entry {"kind", "shape"}); shape (C, H, W) for png."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in ("x", "y"):
+        raise ValueError(f"extra field name {name!r}: use lower-case letters, digits and _ (not x or y)")
+    if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3:
+        _, payload = encode(value, "image")
+        return f"{name}.png", payload, {"kind": "png", "shape": [value.shape[2], value.shape[0], value.shape[1]]}
+    if isinstance(value, np.ndarray):
+        array = value if value.dtype == np.float16 else value.astype(np.float32)
+        buf = io.BytesIO()
+        np.save(buf, array)
+        return f"{name}.npy", buf.getvalue(), {"kind": "npy", "shape": list(array.shape)}
+    if isinstance(value, (str, list, dict)):
+        return f"{name}.json", json.dumps(value, ensure_ascii=False).encode("utf-8"), {"kind": "json", "shape": []}
+    raise TypeError(f"extra field {name!r}: cannot store a {type(value).__name__}")
+
+
 def validation_fraction(value) -> Fraction:
     """``--validation`` as an exact fraction (0.1 -> 1/10, so floor(n f) is exact), checked to be in [0, 1)."""
     try:
@@ -71,6 +92,21 @@ def validation_fraction(value) -> Fraction:
     if not 0 <= f < 1:
         raise GensuiteError(f"--validation: must be a fraction in [0, 1), got {value!r}")
     return Fraction(repr(f))
+
+
+@contextlib.contextmanager
+def discarding_partial_shards(writers: dict, folder: Path):
+    """A reader failing mid-build (say a missing image) leaves no open or half-written shard behind."""
+    try:
+        yield
+    except BaseException:
+        for writer in writers.values():
+            with contextlib.suppress(Exception):
+                writer.close()
+        writers.clear()
+        for tmp in folder.glob(".*.tar.tmp"):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def verify(folder: Path, manifest: dict) -> str | None:
@@ -122,6 +158,7 @@ def build(dataset: str, src: str | None = None, out: str = "shards", shard_size:
     writers: dict[str, Any] = {}
     counts: dict[str, int] = {}
     shape = info.shape_for(params)
+    fields: dict[str, dict] = {}
 
     def open_shard(split: str):
         index = len(splits[split]["shards"])
@@ -138,9 +175,10 @@ def build(dataset: str, src: str | None = None, out: str = "shards", shard_size:
 
     records = read(src, **reader_params)
     first = next(records)  # bad source files fail here, before a progress bar is drawn
-    with tqdm(desc=f"{dataset} shards", unit="sample", disable=not progress, file=sys.stderr) as bar:
+    with tqdm(desc=f"{dataset} shards", unit="sample", disable=not progress, file=sys.stderr) as bar, \
+            discarding_partial_shards(writers, folder):
         train_index = 0
-        for split, sample, label in itertools.chain([first], records):
+        for split, sample, label, *rest in itertools.chain([first], records):
             if split == "train":
                 i, train_index = train_index, train_index + 1
                 if math.floor((i + 1) * validation) > math.floor(i * validation):
@@ -151,7 +189,12 @@ def build(dataset: str, src: str | None = None, out: str = "shards", shard_size:
             if split not in writers:
                 open_shard(split)
             key, payload = encode(sample, info.kind)
-            writers[split].write({"__key__": f"{counts[split]:08d}", key: payload, "cls": str(label).encode()})
+            entry = {"__key__": f"{counts[split]:08d}", key: payload, "cls": str(label).encode()}
+            for name, value in (rest[0] if rest else {}).items():
+                extra_key, extra_payload, field = encode_extra(name, value)
+                entry[extra_key] = extra_payload
+                fields.setdefault(name, field)
+            writers[split].write(entry)
             counts[split] += 1
             splits[split]["samples"] += 1
             splits[split]["shards"][-1]["samples"] += 1
@@ -165,16 +208,22 @@ def build(dataset: str, src: str | None = None, out: str = "shards", shard_size:
     for stale in folder.glob("*.tar"):
         if stale.name not in current:
             stale.unlink()
+    described = info.describe(src, reader_params) if info.describe else {}
+    class_names = described.get("class_names", info.class_names)
     manifest = {
         "dataset": dataset,
         "builder_version": BUILDER_VERSION,
         "kind": info.kind,
         "shape": list(shape),
-        "num_classes": len(info.class_names),
-        "class_names": list(info.class_names),
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
         "params": params,
         "splits": splits,
     }
+    if fields:
+        manifest["fields"] = fields
+    if described.get("text_encoder"):
+        manifest["text_encoder"] = described["text_encoder"]
     tmp = folder / ".manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, manifest_path)  # written last: its presence means the set is complete
@@ -225,13 +274,24 @@ def static_data_spec(dataset: str, **params):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shards/build.py", description="Build WebDataset shards of a dataset.")
     parser.add_argument("dataset", help=f"one of: {', '.join(DATASETS)}")
-    parser.add_argument("--src", help="folder with the original files (mnist, fashion_mnist, cifar10)")
+    parser.add_argument("--src", help="folder with the original files (mnist, fashion_mnist, cifar10, cub: "
+                                      "StackGAN's Data/birds)")
     parser.add_argument("--out", default="shards", help="shard root (default: shards)")
     parser.add_argument("--shard-size", type=int, help="samples per shard")
-    parser.add_argument("--size", type=int, help="resize images to SIZE x SIZE (digits default: 32)")
-    parser.add_argument("--n", type=int, help="moons: training points")
+    parser.add_argument("--size", type=int, help="resize images to SIZE x SIZE (digits default: 32, shapes: 76)")
+    parser.add_argument("--n", type=int, help="moons: training points; shapes: training images (default 6000)")
+    parser.add_argument("--n-test", type=int, help="shapes: test images (default 1000)")
     parser.add_argument("--noise", type=float, help="moons: noise")
-    parser.add_argument("--seed", type=int, help="moons: seed")
+    parser.add_argument("--seed", type=int, help="moons, shapes: seed")
+    parser.add_argument("--lowres", type=int, help="cub: side of the stored crop (default 76)")
+    parser.add_argument("--hires", type=int, help="cub: side of the high-resolution crop field (default 304; "
+                                                  "0: not stored)")
+    parser.add_argument("--text-encoder", choices=("hashing", "sentence"),
+                        help="cub, shapes: embed the captions with this encoder (default: shapes hashing, cub the "
+                             "precomputed char-CNN-RNN embeddings)")
+    parser.add_argument("--text-model", metavar="PATH",
+                        help="--text-encoder sentence: a downloaded sentence-transformers model directory")
+    parser.add_argument("--text-dim", type=int, help="--text-encoder hashing: embedding size (default 256)")
     parser.add_argument("--validation", metavar="FRACTION",
                         help="move this fraction of the training samples, evenly spread, to a validation split "
                              "(default 0)")

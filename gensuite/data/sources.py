@@ -1,7 +1,9 @@
 """Readers of the original dataset formats, and each dataset's static facts.
 
 Every reader yields ``(split, sample, label)`` in a fixed order: ``sample`` is a uint8 (H, W, C)
-array for images or a float32 (D,) array for points. Nothing is downloaded, ever.
+array for images or a float32 (D,) array for points. Captioned datasets (``captioned.py``) yield
+``(split, sample, label, extras)``: ``extras`` maps field names to more per-sample data (text embeddings,
+captions, high-resolution images) stored beside the sample. Nothing is downloaded, ever.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from gensuite.errors import GensuiteError
+from gensuite.data.captioned import (CUB_CLASSES, SHAPES_CLASSES, describe_cub, describe_shapes, read_cub,
+                                     read_shapes)
 
 Record = tuple[str, np.ndarray, int]
 
@@ -35,9 +39,12 @@ class DatasetInfo:
     shard_size: int = 10000
     needs_src: bool = False
     src_hint: str = ""
+    # Manifest entries that depend on the source or the options, e.g. class names read from the source's
+    # folders or the text encoder: (src, reader params) -> {"class_names": ..., "text_encoder": ...}.
+    describe: Callable[[str | None, dict[str, Any]], dict[str, Any]] | None = None
 
     def shape_for(self, params: dict[str, Any]) -> tuple[int, ...]:
-        size = params.get("size")
+        size = params.get("size") or params.get("lowres")
         if self.kind == "image" and size:
             return (self.shape[0], size, size)
         return self.shape
@@ -170,6 +177,13 @@ DATASETS: dict[str, DatasetInfo] = {
                                  needs_src=True, src_hint="the four IDX files"),
     "cifar10": DatasetInfo("cifar10", "image", (3, 32, 32), CIFAR10_CLASSES, {"size": None}, needs_src=True,
                            src_hint="the cifar-10-batches-py folder"),
+    "cub": DatasetInfo("cub", "image", (3, 76, 76), CUB_CLASSES,
+                       {"lowres": 76, "hires": 304, "text_encoder": "char_cnn_rnn", "text_model": None,
+                        "text_dim": 256}, shard_size=1000, needs_src=True,
+                       src_hint="StackGAN's Data/birds folder", describe=describe_cub),
+    "shapes": DatasetInfo("shapes", "image", (3, 76, 76), SHAPES_CLASSES,
+                          {"size": 76, "n": 6000, "n_test": 1000, "seed": 0, "text_encoder": "hashing",
+                           "text_model": None, "text_dim": 256}, shard_size=2000, describe=describe_shapes),
 }
 
 READERS: dict[str, Callable[..., Iterator[Record]]] = {
@@ -178,4 +192,6 @@ READERS: dict[str, Callable[..., Iterator[Record]]] = {
     "mnist": read_mnist_like,
     "fashion_mnist": read_mnist_like,
     "cifar10": read_cifar10,
+    "cub": read_cub,
+    "shapes": read_shapes,
 }
