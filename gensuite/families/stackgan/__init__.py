@@ -43,6 +43,10 @@ class StackGANConfig:
     res_blocks: int = 4  # Stage-II residual blocks (GAN.R_NUM)
     upsample: Literal["nearest_conv", "pixelshuffle"] = "nearest_conv"
     kl_weight: float = 2.0  # TRAIN.COEFF.KL
+    # unit_rms rescales each text embedding to norm sqrt(T) before conditioning augmentation: unit-norm
+    # encoders (hashing, sentence) would otherwise give a code mu ~ 0.01, drowned by its unit noise.
+    # auto: unit_rms for those, none for the char-CNN-RNN embeddings the paper settings were made for.
+    text_scaling: Literal["auto", "none", "unit_rms"] = "auto"
     embeddings_per_step: int = 1  # 1: one caption's embedding at random; k: the mean of k random ones
     crop: bool = True  # random crop of 64/76 of the stored image, as the original
     flip: bool = True  # random horizontal flip
@@ -115,6 +119,8 @@ class StackGAN(GenerativeFamily):
         self.size = self.stage1_size * (4 if cfg.stage == 2 else 1)
         # Stage II learns from the high-resolution copy when the shards have one (CUB's 304 px).
         self.image_key = "hires" if cfg.stage == 2 and "hires" in data.fields else "x"
+        encoder = data.text_encoder.get("name", "char_cnn_rnn")
+        self.unit_rms = cfg.text_scaling == "unit_rms" or (cfg.text_scaling == "auto" and encoder != "char_cnn_rnn")
         self.conditions: dict[str, Any] = {}  # held-out embeddings (M, 10, T) and captions
 
     # -- networks --------------------------------------------------------------------------------
@@ -143,6 +149,8 @@ class StackGAN(GenerativeFamily):
 
     def generate(self, nets: Networks, z: torch.Tensor, embedding: torch.Tensor, ema: bool = False):
         """(image in [-1, 1], mu, logvar, Stage-I image or None) of this stage."""
+        if self.unit_rms:
+            embedding = embedding * (embedding.shape[-1] ** 0.5 / embedding.norm(dim=-1, keepdim=True).clamp_min(1e-6))
         generator = nets.ema("G") if ema else nets["G"]
         if self.cfg.stage == 1:
             image, mu, logvar = generator(z, embedding)
