@@ -240,3 +240,22 @@ def test_architecture_and_counts():
     for p in g1.parameters():
         p.requires_grad_(False)
     assert count_parameters(g1, trainable_only=True) == 0 < count_parameters(g1)
+
+
+def test_conditioning_augmentation_activations():
+    """relu (StackGAN-Pytorch) keeps mu, logvar >= 0, so the code's noise is at least unit scale;
+    leaky_relu (the TensorFlow original) lets logvar go negative; same parameters either way."""
+    from gensuite.families.stackgan.networks import ConditioningAugmentation
+
+    torch.manual_seed(0)
+    relu, leaky = ConditioningAugmentation(6, 3), ConditioningAugmentation(6, 3, "leaky_relu")
+    leaky.load_state_dict(relu.state_dict())
+    e = torch.randn(64, 6) * 5
+    _, mu, logvar = relu(e)
+    assert mu.min() >= 0 and logvar.min() >= 0
+    _, mu2, logvar2 = leaky(e)
+    pre = relu.fc(e)
+    assert torch.allclose(torch.cat([mu2, logvar2], 1), torch.where(pre > 0, pre, 0.2 * pre), atol=1e-6)
+    assert logvar2.min() < 0
+    with pytest.raises(ValueError, match="activation"):
+        ConditioningAugmentation(6, 3, "tanh")

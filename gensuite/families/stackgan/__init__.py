@@ -27,7 +27,7 @@ from gensuite.registry import Batch, GenerativeFamily, Networks, Player, registe
 
 STAGE1_JOB = "jobs/stackgan_stage1.yaml"
 # What Stage II needs to rebuild the Stage-I generator (copied from the Stage-I run's config).
-STAGE1_KEYS = ("z_dim", "c_dim", "ngf", "stage1_upsamples", "upsample")
+STAGE1_KEYS = ("z_dim", "c_dim", "ngf", "stage1_upsamples", "upsample", "ca_activation")
 CROP_RATIO = 64 / 76  # the original loads images at 76/64 of the training size and crops randomly
 
 
@@ -43,6 +43,8 @@ class StackGANConfig:
     res_blocks: int = 4  # Stage-II residual blocks (GAN.R_NUM)
     upsample: Literal["nearest_conv", "pixelshuffle"] = "nearest_conv"
     kl_weight: float = 2.0  # TRAIN.COEFF.KL
+    # relu: StackGAN-Pytorch's conditioning augmentation; leaky_relu: the TensorFlow original's (see networks)
+    ca_activation: Literal["relu", "leaky_relu"] = "relu"
     # unit_rms rescales each text embedding to norm sqrt(T) before conditioning augmentation: unit-norm
     # encoders (hashing, sentence) would otherwise give a code mu ~ 0.01, drowned by its unit noise.
     # auto: unit_rms for those, none for the char-CNN-RNN embeddings the paper settings were made for.
@@ -76,6 +78,7 @@ class StackGANConfig:
 def stage1_settings(source: str) -> dict[str, Any]:
     """The Stage-I generator settings of a Stage-I run, or a one-line error naming the job to run."""
     from gensuite import checkpoint as ckpt
+    from gensuite.config import job_from_dict
 
     try:
         state = ckpt.load_checkpoint(ckpt.resolve_checkpoint(source))
@@ -86,7 +89,8 @@ def stage1_settings(source: str) -> dict[str, Any]:
     if config["family"] != "stackgan" or config["model"].get("stage") != 1:
         raise ConfigError("model.stage1", f"{source} is a {config['family']} run, not StackGAN Stage I; "
                                           f"point it at the run of {STAGE1_JOB}")
-    return {k: config["model"][k] for k in STAGE1_KEYS}
+    model = job_from_dict(config).model  # settings a run predates get their defaults
+    return {k: getattr(model, k) for k in STAGE1_KEYS}
 
 
 @register
@@ -114,7 +118,9 @@ class StackGAN(GenerativeFamily):
                 cfg.stage1_generator = stage1_settings(cfg.stage1)
             except ConfigError as e:  # `gensuite summary` still shows the networks; training stops on it
                 self.stage1_problem = e
-        self.g1 = dict(cfg.stage1_generator) or {k: getattr(cfg, k) for k in STAGE1_KEYS}
+        defaults = {k: StackGANConfig.__dataclass_fields__[k].default for k in STAGE1_KEYS}
+        self.g1 = {**defaults, **cfg.stage1_generator} if cfg.stage1_generator else \
+            {k: getattr(cfg, k) for k in STAGE1_KEYS}
         self.stage1_size = 4 * 2 ** self.g1["stage1_upsamples"]
         self.size = self.stage1_size * (4 if cfg.stage == 2 else 1)
         # Stage II learns from the high-resolution copy when the shards have one (CUB's 304 px).
@@ -127,11 +133,12 @@ class StackGAN(GenerativeFamily):
     def build_networks(self):
         c, g1 = self.cfg, self.g1
         stage1 = Stage1Generator(g1["z_dim"], g1["c_dim"], self.text_dim, g1["ngf"], g1["stage1_upsamples"],
-                                 g1["upsample"])
+                                 g1["upsample"], g1["ca_activation"])
         if c.stage == 1:
             nets = {"G": stage1, "D": Stage1Discriminator(c.c_dim, c.ndf, self.size)}
         else:
-            nets = {"G1": stage1, "G": Stage2Generator(c.c_dim, self.text_dim, c.ngf, c.res_blocks, c.upsample),
+            nets = {"G1": stage1, "G": Stage2Generator(c.c_dim, self.text_dim, c.ngf, c.res_blocks, c.upsample,
+                                                       c.ca_activation),
                     "D": Stage2Discriminator(c.c_dim, c.ndf, self.size)}
         for net in nets.values():
             init_weights(net)

@@ -111,17 +111,28 @@ class ResBlock(nn.Module):
         return F.relu(out, inplace=True)
 
 
+CA_ACTIVATIONS = ("relu", "leaky_relu")
+
+
 class ConditioningAugmentation(nn.Module):
     """Text embedding -> Gaussian N(mu, exp(logvar)) over a small condition code, sampled by
-    reparametrisation: smooths the sparse embedding manifold (the KL term keeps it near N(0, I))."""
+    reparametrisation: smooths the sparse embedding manifold (the KL term keeps it near N(0, I)).
 
-    def __init__(self, text_dim: int, c_dim: int):
+    ``activation`` after the linear layer: "relu" as StackGAN-Pytorch (mu, logvar >= 0, so the code's
+    noise is never below unit scale), or "leaky_relu" (slope 0.2) as the authors' TensorFlow StackGAN,
+    which lets logvar go negative and the text dominate the code."""
+
+    def __init__(self, text_dim: int, c_dim: int, activation: str = "relu"):
         super().__init__()
-        self.c_dim = c_dim
+        if activation not in CA_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {CA_ACTIVATIONS}, got {activation!r}")
+        self.c_dim, self.activation = c_dim, activation
         self.fc = nn.Linear(text_dim, 2 * c_dim)
 
     def forward(self, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        mu, logvar = F.relu(self.fc(embedding)).split(self.c_dim, dim=1)
+        h = self.fc(embedding)
+        h = F.relu(h) if self.activation == "relu" else F.leaky_relu(h, 0.2)
+        mu, logvar = h.split(self.c_dim, dim=1)
         c = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
         return c, mu, logvar
 
@@ -242,11 +253,11 @@ class Stage1Generator(nn.Module):
     conditioning mu/logvar for the KL term."""
 
     def __init__(self, z_dim: int, c_dim: int, text_dim: int, ngf: int, upsamples: int = 4,
-                 upsample: str = "nearest_conv"):
+                 upsample: str = "nearest_conv", ca_activation: str = "relu"):
         super().__init__()
         width = ngf * 8
         self.width, self.out_size = width, 4 * 2 ** upsamples
-        self.ca_net = ConditioningAugmentation(text_dim, c_dim)
+        self.ca_net = ConditioningAugmentation(text_dim, c_dim, ca_activation)
         self.fc = nn.Sequential(nn.Linear(z_dim + c_dim, width * 16, bias=False), nn.BatchNorm1d(width * 16),
                                 nn.ReLU(True))
         for i in range(1, upsamples + 1):
@@ -269,10 +280,11 @@ class Stage2Generator(nn.Module):
     join with the re-sampled condition, residual blocks, four up-blocks. The frozen Stage-I generator
     is not part of it."""
 
-    def __init__(self, c_dim: int, text_dim: int, ngf: int, res_blocks: int = 4, upsample: str = "nearest_conv"):
+    def __init__(self, c_dim: int, text_dim: int, ngf: int, res_blocks: int = 4, upsample: str = "nearest_conv",
+                 ca_activation: str = "relu"):
         super().__init__()
         self.c_dim = c_dim
-        self.ca_net = ConditioningAugmentation(text_dim, c_dim)
+        self.ca_net = ConditioningAugmentation(text_dim, c_dim, ca_activation)
         self.encoder = nn.Sequential(
             conv3x3(3, ngf), nn.ReLU(True),
             nn.Conv2d(ngf, ngf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 2), nn.ReLU(True),
