@@ -50,9 +50,10 @@ def network_summary(job: JobConfig, spec=None) -> dict[str, dict[str, Any]]:
 
     family = get_family(job.family)(job.model, spec if spec is not None else job_data_spec(job))
     torch.manual_seed(job.train.seed)
+    trained = {n for player in family.players() for n in player.networks}  # the rest are frozen (StackGAN's G1)
     return {
         name: {"parameters": sum(p.numel() for p in net.parameters()),
-               "trainable": sum(p.numel() for p in net.parameters() if p.requires_grad),
+               "trainable": sum(p.numel() for p in net.parameters()) if name in trained else 0,
                "architecture": str(net)}
         for name, net in family.build_networks().items()
     }

@@ -197,3 +197,20 @@ def test_unit_norm_text_embeddings_are_rescaled_and_char_cnn_rnn_ones_are_not():
     torch.manual_seed(0)
     by_hand = family.generate(nets, z, e * 4.0)  # sqrt(16) * a unit vector
     assert torch.allclose(scaled[1], by_hand[1], atol=1e-6) and torch.allclose(scaled[0], by_hand[0], atol=1e-5)
+
+
+def test_summary_of_the_paper_jobs_gives_the_original_parameter_counts(tmp_path):
+    """`gensuite summary` before any CUB shard or Stage-I run exists: the networks of
+    StackGAN-Pytorch's birds configuration (STAGE2_G = our G + the frozen G1)."""
+    import json
+
+    counts = {}
+    for stage in (1, 2):
+        done = subprocess.run([*GENSUITE, "summary", f"jobs/stackgan_stage{stage}.yaml", "--json", "--set",
+                               f"data.root={tmp_path}", "--set", f"model.stage1={tmp_path / 'none'}"],
+                              capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode == 0, done.stderr
+        counts[stage] = {n: (v["parameters"], v["trainable"]) for n, v in json.loads(done.stdout)["networks"].items()}
+    assert counts[1] == {"G": (10_301_248, 10_301_248), "D": (5_715_713, 5_715_713)}
+    assert counts[2] == {"G1": (10_301_248, 0), "G": (26_290_080, 26_290_080), "D": (71_269_122, 71_269_122)}
+    assert counts[2]["G"][0] + counts[2]["G1"][0] == 36_591_328

@@ -35,6 +35,20 @@ def describe_text_encoder(params: dict) -> dict:
     return cached_encoder(params["text_encoder"], params["text_model"], params["text_dim"]).describe()
 
 
+def static_text_fields(params: dict) -> tuple[dict, dict]:
+    """The extra fields and text encoder a build with these options will record, without building
+    (for `gensuite summary` before the shards exist)."""
+    name = params["text_encoder"]
+    if name == "sentence":
+        raise GensuiteError("--text-encoder sentence: the embedding size comes from the model; build the shards "
+                            "first (python shards/build.py ... --text-encoder sentence --text-model DIR)")
+    dim = CHAR_CNN_RNN_DIM if name == "char_cnn_rnn" else int(params["text_dim"])
+    fields = {"embeddings": {"kind": "npy", "shape": [10, dim]}, "captions": {"kind": "json", "shape": []}}
+    if params.get("hires"):
+        fields["hires"] = {"kind": "png", "shape": [3, params["hires"], params["hires"]]}
+    return fields, {"name": name, "dim": dim}
+
+
 # -- CUB-200-2011 in StackGAN's layout ---------------------------------------------------------
 
 CUB_CLASS_COUNT = 200

@@ -267,8 +267,15 @@ def static_data_spec(dataset: str, **params):
     from gensuite.registry import DataSpec
 
     info = dataset_info(dataset)
-    return DataSpec(dataset=dataset, kind=info.kind, shape=info.shape_for({**info.params, **params}),
-                    num_classes=len(info.class_names), class_names=info.class_names)
+    options = {**info.params, **params}
+    fields, text_encoder = ({}, {})
+    if "text_encoder" in options:  # captioned data: embeddings, captions (and CUB's hires images)
+        from gensuite.data.captioned import static_text_fields
+
+        fields, text_encoder = static_text_fields(options)
+    return DataSpec(dataset=dataset, kind=info.kind, shape=info.shape_for(options),
+                    num_classes=len(info.class_names), class_names=info.class_names, fields=fields,
+                    text_encoder=text_encoder)
 
 
 def main(argv: list[str] | None = None) -> int:
