@@ -192,6 +192,27 @@ def test_small_shapes_and_ranges(upsample):
     assert features.shape == (3, 128, 4, 4) and d2.uncond_logits(features).shape == (3,)
 
 
+def test_residual_refinement_starts_from_the_upsampled_stage1_image():
+    """refine: residual adds the last conv's output to atanh(upsampled Stage-I image) before the tanh:
+    with that conv zeroed, Stage II returns the bilinear upsampling of its input exactly; the paper's
+    full refinement does not, and both have the same parameters."""
+    torch.manual_seed(0)
+    full = Stage2Generator(C_DIM, TEXT_DIM, 32, res_blocks=1)
+    residual = Stage2Generator(C_DIM, TEXT_DIM, 32, res_blocks=1, refine="residual")
+    assert sum(p.numel() for p in full.parameters()) == sum(p.numel() for p in residual.parameters())
+    low = torch.rand(2, 3, 16, 16) * 1.6 - 0.8
+    embedding = torch.randn(2, TEXT_DIM)
+    expected = F.interpolate(low, size=(64, 64), mode="bilinear", align_corners=False)
+    for net in (full, residual):
+        torch.nn.init.zeros_(net.img[0].weight)
+    full.eval(), residual.eval()
+    assert torch.allclose(residual(low, embedding)[0], expected, atol=1e-6)
+    assert full(low, embedding)[0].abs().max() == 0
+    torch.nn.init.normal_(residual.img[0].weight, 0.0, 0.02)
+    moved = residual(low, embedding)[0]
+    assert 1e-5 < (moved - expected).abs().mean() < 1e-2  # the N(0, 0.02) init: a small correction
+
+
 def test_channels_last_and_bf16_autocast_forward():
     g1, d1, g2, d2 = small_networks()
     z, embedding = torch.randn(4, Z_DIM), torch.randn(4, TEXT_DIM)

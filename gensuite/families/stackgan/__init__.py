@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from gensuite.errors import ConfigError, GensuiteError
 from gensuite.families.stackgan.networks import (Stage1Discriminator, Stage1Generator, Stage2Discriminator,
-                                                 Stage2Generator, init_weights)
+                                                 Stage2Generator)
 from gensuite.families.stackgan.objectives import discriminator_loss, generator_loss
 from gensuite.registry import Batch, GenerativeFamily, Networks, Player, register
 
@@ -51,7 +51,10 @@ class StackGANConfig:
     text_scaling: Literal["auto", "none", "unit_rms"] = "auto"
     embeddings_per_step: int = 1  # 1: one caption's embedding at random; k: the mean of k random ones
     crop: bool = True  # random crop of 64/76 of the stored image, as the original
-    flip: bool = True  # random horizontal flip
+    flip: bool = True  # random horizontal flip; turn off when captions say left or right (shapes)
+    # full: Stage II draws the whole image (the paper); residual: it adds a correction to the upsampled
+    # Stage-I image before the final tanh (LAPGAN-style), keeping Stage I's colours and layout from the start
+    refine: Literal["full", "residual"] = "full"
     channels_last: bool = False
     # Filled from the Stage-I run when Stage II starts, so a Stage-II checkpoint rebuilds G1 alone.
     stage1_generator: dict[str, Any] = field(default_factory=dict)
@@ -138,11 +141,10 @@ class StackGAN(GenerativeFamily):
             nets = {"G": stage1, "D": Stage1Discriminator(c.c_dim, c.ndf, self.size)}
         else:
             nets = {"G1": stage1, "G": Stage2Generator(c.c_dim, self.text_dim, c.ngf, c.res_blocks, c.upsample,
-                                                       c.ca_activation),
+                                                       c.ca_activation, c.refine),
                     "D": Stage2Discriminator(c.c_dim, c.ndf, self.size)}
-        for net in nets.values():
-            init_weights(net)
-            if c.channels_last:
+        if c.channels_last:
+            for net in nets.values():  # the constructors already drew the original init
                 net.to(memory_format=torch.channels_last)
         return nets
 

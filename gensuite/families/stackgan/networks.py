@@ -281,9 +281,9 @@ class Stage2Generator(nn.Module):
     is not part of it."""
 
     def __init__(self, c_dim: int, text_dim: int, ngf: int, res_blocks: int = 4, upsample: str = "nearest_conv",
-                 ca_activation: str = "relu"):
+                 ca_activation: str = "relu", refine: str = "full"):
         super().__init__()
-        self.c_dim = c_dim
+        self.c_dim, self.refine = c_dim, refine
         self.ca_net = ConditioningAugmentation(text_dim, c_dim, ca_activation)
         self.encoder = nn.Sequential(
             conv3x3(3, ngf), nn.ReLU(True),
@@ -304,7 +304,13 @@ class Stage2Generator(nn.Module):
         tiled = c.view(len(c), self.c_dim, 1, 1).expand(-1, -1, *encoded.shape[2:]).to(encoded.dtype)
         h = self.residual(self.hr_joint(torch.cat([encoded, tiled], 1)))
         h = self.upsample4(self.upsample3(self.upsample2(self.upsample1(h))))
-        return self.img(h), mu, logvar
+        if self.refine == "full":
+            return self.img(h), mu, logvar
+        # residual: the last conv's output is added before the tanh to the Stage-I image, upsampled and
+        # mapped back through the tanh, so Stage II starts as a sharpened copy of Stage I (LAPGAN-style).
+        coarse = F.interpolate(stage1_image.float(), size=h.shape[-2:], mode="bilinear", align_corners=False)
+        prior = torch.atanh(coarse.clamp(-0.99, 0.99)).to(h.dtype)
+        return torch.tanh(self.img[0](h) + prior), mu, logvar
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
