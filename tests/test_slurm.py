@@ -2,6 +2,7 @@
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -143,22 +144,39 @@ def test_timeout_checkpoints_requeues_and_finishes(cluster, shard_root, tmp_path
     assert scalar_steps(tmp_path / "run", "G/loss") == list(range(25, 5001, 25))
 
 
+def catches(pid: str, signum: int) -> bool:
+    """Whether process ``pid`` has a handler installed for ``signum`` (SigCgt in /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # gone, or not a pid
+        return False
+    caught = re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M)
+    return bool(caught and int(caught.group(1), 16) >> (signum - 1) & 1)
+
+
 def test_warning_during_start_up_is_not_lost(cluster, shard_root, tmp_path):
     # SLURM may send the time-limit warning while the task is still importing torch. It must not
     # kill the task: it is recorded, the run stops after its first step, checkpoints and requeues.
+    # The signal goes out the moment the task's first handler (gensuite.slurm_entry's, installed
+    # before any heavy import) is in place; the interpreter's own start-up before that, tens of
+    # milliseconds, is a window no Python code can cover.
     job = write_job(tmp_path / "early.yaml", shard_root, train={"steps": 30},
                     launch={"timeout_min": 5, "max_requeues": 1})
     r = submit(cluster, job, "--run-dir", tmp_path / "run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     job_id = json.loads((tmp_path / "run" / "submission.json").read_text())["tasks"][0]["job_id"]
-    deadline = time.time() + 60
-    while time.time() < deadline:  # the task's process exists: signal it at once
-        pids = subprocess.run(["scontrol", "listpids", job_id], env=cluster.env, capture_output=True, text=True)
-        if "submitit" in subprocess.run(["ps", "-o", "args=", "-p", ",".join(
-                line.split()[0] for line in pids.stdout.splitlines()[1:] if line.split()[0].isdigit()) or "0"],
-                capture_output=True, text=True).stdout:
-            break
-        time.sleep(0.05)
+    deadline, ready = time.time() + 60, False
+    while not ready and time.time() < deadline:
+        listed = subprocess.run(["scontrol", "listpids", job_id], env=cluster.env, capture_output=True, text=True)
+        pids = [line.split()[0] for line in listed.stdout.splitlines()[1:] if line.split()[0].isdigit()]
+        for pid in pids:
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            ready = ready or ("gensuite.slurm_entry" in command and catches(pid, signal.SIGUSR2))
+        time.sleep(0.005)
+    assert ready, "the task never started or never installed its SIGUSR2 handler"
     subprocess.run(["scancel", "--signal=USR2", job_id], env=cluster.env, check=True)
     record = wait_for(cluster, tmp_path / "run", 300)
     logs = task_logs(record)
