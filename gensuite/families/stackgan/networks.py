@@ -278,7 +278,7 @@ class Stage1Generator(nn.Module):
 class Stage2Generator(nn.Module):
     """(Stage-I image, text embedding) -> image at 4x the side (paper 64 -> 256): encode to 1/4 side,
     join with the re-sampled condition, residual blocks, four up-blocks. The frozen Stage-I generator
-    is not part of it."""
+    is not part of it. ``refine="residual"`` corrects the upsampled Stage-I image instead of redrawing it."""
 
     def __init__(self, c_dim: int, text_dim: int, ngf: int, res_blocks: int = 4, upsample: str = "nearest_conv",
                  ca_activation: str = "relu", refine: str = "full"):
@@ -307,7 +307,7 @@ class Stage2Generator(nn.Module):
         if self.refine == "full":
             return self.img(h), mu, logvar
         # residual: the last conv's output is added before the tanh to the Stage-I image, upsampled and
-        # mapped back through the tanh, so Stage II starts as a sharpened copy of Stage I (LAPGAN-style).
+        # mapped back through the tanh, so Stage II starts as a copy of Stage I and learns a correction.
         coarse = F.interpolate(stage1_image.float(), size=h.shape[-2:], mode="bilinear", align_corners=False)
         prior = torch.atanh(coarse.clamp(-0.99, 0.99)).to(h.dtype)
         return torch.tanh(self.img[0](h) + prior), mu, logvar
