@@ -240,6 +240,8 @@ def test_bad_settings_are_rejected():
         Stage2Discriminator(C_DIM, 8, 8)
     with pytest.raises(ValueError):
         up_block(8, 4, "bilinear")
+    with pytest.raises(ValueError, match="refine"):
+        Stage2Generator(C_DIM, TEXT_DIM, 8, refine="residuals")
 
 
 def test_discriminator_widths_generalise():

@@ -112,6 +112,7 @@ class ResBlock(nn.Module):
 
 
 CA_ACTIVATIONS = ("relu", "leaky_relu")
+REFINEMENTS = ("full", "residual")  # Stage II: redraw the image (the paper) or correct the upsampled Stage I
 
 
 class ConditioningAugmentation(nn.Module):
@@ -283,6 +284,8 @@ class Stage2Generator(nn.Module):
     def __init__(self, c_dim: int, text_dim: int, ngf: int, res_blocks: int = 4, upsample: str = "nearest_conv",
                  ca_activation: str = "relu", refine: str = "full"):
         super().__init__()
+        if refine not in REFINEMENTS:
+            raise ValueError(f"refine must be one of {REFINEMENTS}, got {refine!r}")
         self.c_dim, self.refine = c_dim, refine
         self.ca_net = ConditioningAugmentation(text_dim, c_dim, ca_activation)
         self.encoder = nn.Sequential(
