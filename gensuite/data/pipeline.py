@@ -159,20 +159,21 @@ def read_split(shard_dir: str | Path, split: str, limit: int, fields: set[str] |
 
 def iterate_split(shard_dir: str | Path, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
                   limit: int | None = None, fields: set[str] | None = None):
-    """(indices, batch) over this rank's share of a split: samples i with i % world_size == rank, in
-    stored order, among the first ``limit``. Every sample is seen by exactly one rank. ``fields``: the
-    extra fields to decode (None: all)."""
+    """(indices, batch) over this rank's share of a split's first ``limit`` samples, in stored order.
+
+    Batch j holds samples j*batch_size .. (j+1)*batch_size - 1 whatever the rank count, and goes to
+    rank j mod world_size. Every sample is then computed in the same batch on one rank as on many,
+    so per-sample float32 results are bitwise those of a single process (a network's float32 output
+    can depend on the batch it is computed in), and only the float64 sums across ranks differ in order.
+    ``fields``: the extra fields to decode (None: all)."""
     manifest = read_manifest(shard_dir)
     shards = [{"url": s.path} for s in split_shards(manifest, shard_dir, split)]
-    raw = wds.tarfile_to_samples()(iter(shards))
-    indices, samples = [], []
-    for i, sample in enumerate(itertools.islice(raw, limit)):
-        if i % world_size != rank:
-            continue  # not decoded: the other ranks take it
-        indices.append(i)
-        samples.append(decode_sample(sample, manifest["kind"], manifest["shape"][0], fields))
-        if len(samples) == batch_size:
-            yield torch.tensor(indices), collate(samples)
-            indices, samples = [], []
-    if samples:
-        yield torch.tensor(indices), collate(samples)
+    raw = itertools.islice(wds.tarfile_to_samples()(iter(shards)), limit)
+    for j in itertools.count():
+        chunk = list(itertools.islice(raw, batch_size))
+        if not chunk:
+            return
+        if j % world_size == rank:  # the other ranks' batches are never decoded here
+            start = j * batch_size
+            yield (torch.arange(start, start + len(chunk)),
+                   collate([decode_sample(s, manifest["kind"], manifest["shape"][0], fields) for s in chunk]))

@@ -3,8 +3,10 @@
 A metric declares the values it produces (and whether higher is better), which families it applies
 to, and how to compute them from an ``EvalContext``. The trainer runs the job's metrics every
 ``eval.every`` steps and at the end and logs them as ``eval/<value>``; ``eval.best`` keeps the best
-checkpoint. Each rank evaluates its share of the split (sample i goes to rank i mod world size) and
-the partial sums are added across ranks, so any number of ranks gives the single-process result.
+checkpoint. Each rank evaluates its share of the split (batch j of ``eval.batch_size`` consecutive
+samples goes to rank j mod world size, so every sample is computed in the same batch on any number of
+ranks) and the float64 partial sums are added across ranks: any number of ranks gives the
+single-process result up to float64 rounding.
 """
 
 from __future__ import annotations
