@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from gensuite.errors import GensuiteError, TrainingDiverged
+from gensuite.errors import GensuiteError, Interrupted, TrainingDiverged
 
 
 def _job_args(p: argparse.ArgumentParser) -> None:
@@ -16,16 +16,30 @@ def _job_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_validate(args) -> int:
+    """Each job, and each run of its sweep, as the trainer would check it before its first step on the
+    launch section's rank count; with ``--data`` also against its (verified) shards."""
     from gensuite.config import load_job
-    from gensuite.data.shards import read_manifest
-
+    from gensuite.data.shards import open_shard_set
+    from gensuite.report import job_data_spec
     from gensuite.sweep import expand
+    from gensuite.trainer import JobPlan, preflight
 
     for path in args.jobs:
         job = load_job(path, args.overrides)
         runs = expand(job, default_run_dir(job))  # every sweep task is a valid job too
-        if args.data:
-            read_manifest(Path(job.data.root) / job.data.dataset)
+        if args.data:  # the shard set is complete and every shard matches its sha256
+            open_shard_set(Path(job.data.root) / job.data.dataset)
+        for run in runs:
+            if args.data:
+                preflight(run.job)
+                continue
+            spec = job_data_spec(run.job)  # the shards' manifest when they exist, else the dataset's defaults
+            try:
+                JobPlan.of(run.job, spec, run.job.launch.world_size, inputs_required=False)
+            except GensuiteError:
+                if spec.samples:  # real shards: a real refusal
+                    raise
+                # No shards yet: their build options (--size) may be what the family checks; --data will tell.
         sweep = f", sweep of {len(runs)} runs" if len(runs) > 1 else ""
         print(f"ok  {path}  ({job.family}/{job.flavor} on {job.data.dataset}{sweep})")
     return 0
@@ -156,8 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except Interrupted as e:  # a stop signal, after the checkpoint at that step was written
+        if e.announce:
+            print(f"{e}; run the same command to resume", file=sys.stderr)
+        return e.exit_code
     except GensuiteError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if str(e):  # empty: another rank stopped the run and said why
+            print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except TrainingDiverged as e:
         print(f"error: training diverged: {e}", file=sys.stderr)

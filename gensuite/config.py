@@ -32,6 +32,7 @@ class DataConfig:
     workers: int = 0  # DataLoader worker processes per rank
     shuffle_buffer: int = 1000  # samples held by the shuffle buffer
     reference_split: str = "test"  # fixed held-out batch shown next to samples (reconstructions)
+    on_bad_sample: Literal["error", "skip"] = "error"  # a sample that fails to decode: stop, or skip and count it
 
     def __post_init__(self):
         _check(self.workers >= 0, "data.workers", "must be >= 0")
@@ -70,10 +71,25 @@ class OptimConfig(OptimizerSpec):
     # Per-player overrides of the fields above, e.g. {D: {lr: 4.0e-4}} for a two-time-scale GAN.
     players: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def __post_init__(self):
+        super().__post_init__()
+        for player in self.players:  # each player's settings are checked at load time, under their own key
+            self.for_player(player)
+
     def for_player(self, player: str) -> OptimizerSpec:
         base = {f.name: getattr(self, f.name) for f in dataclasses.fields(OptimizerSpec)}
-        base.update(self.players.get(player, {}))
-        return from_dict(OptimizerSpec, base, f"optim.players.{player}")
+        overrides = self.players.get(player) or {}
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"optim.players.{player}", f"expected a mapping of optimizer settings such as "
+                                                         f"{{lr: 1.0e-4}}, got {_describe(overrides)}")
+        base.update(overrides)
+        try:
+            return from_dict(OptimizerSpec, base, f"optim.players.{player}")
+        except ConfigError as e:  # OptimizerSpec's own checks name optim.<key>: name the override instead
+            key = e.path.removeprefix("optim.")
+            if e.path.startswith("optim.") and "." not in key and key in overrides:
+                raise ConfigError(f"optim.players.{player}.{key}", e.message) from None
+            raise
 
 
 @dataclass

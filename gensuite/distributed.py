@@ -119,9 +119,15 @@ class Runtime:
         return self.accelerator.reduce(values.to(self.device), reduction="sum").cpu()
 
     def any_across_ranks(self, flag: bool) -> bool:
+        return self.flags_across_ranks([flag])[0]
+
+    def flags_across_ranks(self, flags: list[bool]) -> list[bool]:
+        """Each flag set on any rank (one small all-reduce for all of them)."""
         if self.world_size == 1:
-            return flag
-        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), reduction="sum").item())
+            return list(flags)
+        summed = self.accelerator.reduce(torch.tensor([float(f) for f in flags], device=self.device),
+                                         reduction="sum")
+        return [bool(v) for v in summed.tolist()]
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
@@ -227,31 +233,43 @@ def node_name() -> str:
 
 
 class StopRequest:
-    """Turns SLURM's signals into a flag the training loop polls between steps.
+    """Turns stop signals into a flag the training loop polls between steps.
 
-    SIGUSR2 (SLURM's warning before the time limit or a preemption, sent with ``--signal``) asks for
-    checkpoint-and-requeue; SIGTERM (``scancel``, preemption) for checkpoint-and-exit. The loop
-    agrees on the flag across ranks, so every rank stops after the same step and the checkpoint
-    is written collectively; the previous handlers are kept for whoever requeues afterwards.
+    SIGTERM (``kill``, ``scancel``, a launcher shutting down) and SIGINT (Ctrl-C) ask for
+    checkpoint-and-exit; SIGUSR2 (SLURM's warning before the time limit or a preemption, sent with
+    ``--signal``) for checkpoint-and-requeue. The loop agrees on the flag across ranks, so every rank
+    stops after the same step and the checkpoint is written collectively. Repeats are ignored: under
+    a launcher one Ctrl-C reaches a rank several times (from the terminal, then forwarded). The
+    previous handlers are kept for whoever requeues afterwards, and restored by ``uninstall``.
     """
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signal: int | None = None
         self.previous: dict[int, Any] = {}
 
     def install(self) -> StopRequest:
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
         import sys
+        import threading
 
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may set handlers (a run started from a worker thread)
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
         entry = sys.modules.get("gensuite.slurm_entry")
         for signum in getattr(entry, "received", []):  # arrived while the task was still starting
             self._handle(signum, None)
         return self
 
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
     def ignore_further(self) -> None:
         """Once stopping, a repeated warning must not interrupt the checkpoint or the requeue."""
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
+        for sig in self.SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
 
     def _handle(self, signum, frame) -> None:
@@ -264,3 +282,36 @@ class StopRequest:
     @property
     def requeue(self) -> bool:
         return self.signal == signal.SIGUSR2
+
+
+# -- several local ranks -------------------------------------------------------------------------
+
+
+def run_ranks(nproc: int, args: list[str]) -> int:
+    """torchrun's agent in this process: ``nproc`` ranks of ``python ARGS`` over gloo on this machine.
+
+    A stop signal to this process reaches every rank once (torchrun forwards it), each checkpoints
+    and the ranks report in one line; this returns 128 + the signal instead of torchrun's traceback.
+    Ranks that all refused bad input (exit code 2, their line already printed) return 2 the same way.
+    """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(["--standalone", f"--nproc_per_node={nproc}", *args])
+    except SignalException as e:
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        codes = {failure.exitcode for failure in e.failures.values()}
+        expected = {2} | {128 + s for s in StopRequest.SIGNALS}
+        if codes <= expected:
+            return max(codes)
+        raise
+    return 0
+
+
+if __name__ == "__main__":  # python -m gensuite.distributed NPROC ARGS...: what the launchers run
+    import sys
+
+    sys.exit(run_ranks(int(sys.argv[1]), sys.argv[2:]))

@@ -1,5 +1,7 @@
 """User-facing errors: one line, exit code 2, no traceback."""
 
+import signal
+
 
 class GensuiteError(Exception):
     """Bad input the user can fix (a job field, a file, a missing shard set).
@@ -12,8 +14,21 @@ class GensuiteError(Exception):
 
 class ConfigError(GensuiteError):
     def __init__(self, path: str, message: str):
-        self.path = path
+        self.path, self.message = path, message
         super().__init__(f"{path}: {message}" if path else message)
+
+
+class DiskFull(GensuiteError):
+    """No space left while writing a run's file; the partial file is gone, earlier checkpoints stay."""
+
+
+class AlreadyReported(GensuiteError):
+    """The run stopped and another process said why (rank 0, which writes the files, or the ranks of
+    a local multi-rank run): exit with ``exit_code`` without a line of its own."""
+
+    def __init__(self, exit_code: int = 2):
+        super().__init__("")
+        self.exit_code = exit_code
 
 
 class TrainingDiverged(Exception):
@@ -23,10 +38,14 @@ class TrainingDiverged(Exception):
 
 
 class Interrupted(Exception):
-    """Training stopped on a signal after checkpointing at ``step``; the job can be resumed."""
+    """Training stopped on a signal after checkpointing at ``step``; the job can be resumed.
 
-    exit_code = 4
+    The exit code is the shell's for that signal (128 + its number: 143 for SIGTERM, 130 for SIGINT).
+    """
 
-    def __init__(self, step: int, checkpoint, requeue: bool):
-        super().__init__(f"stopped by a signal at step {step}; checkpoint {checkpoint}")
-        self.step, self.checkpoint, self.requeue = step, checkpoint, requeue
+    def __init__(self, signum: int, step: int, checkpoint, requeue: bool, announce: bool = True):
+        self.signal_name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.signal_name} at step {step}; checkpoint {checkpoint}")
+        self.signum, self.step, self.checkpoint, self.requeue = signum, step, checkpoint, requeue
+        self.announce = announce  # rank 0 says it; the other ranks exit with the same code, silently
+        self.exit_code = 128 + signum

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from gensuite.checkpoint import writing
 from gensuite.config import JobConfig, dump_yaml, to_dict
+from gensuite.errors import GensuiteError
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -30,6 +34,22 @@ def hparams_of(job: JobConfig) -> dict[str, Any]:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
 
 
+def _quiet_event_writer_failures(previous):
+    """TensorBoard's writer thread re-raises a failed write (a full disk) after storing it, and the
+    thread's default hook prints that traceback into the run's log. The stored error surfaces at the
+    writer's next call, where the logger turns it into one line; only the thread's copy is dropped."""
+
+    def hook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+            return
+        previous(args)
+
+    return hook
+
+
+threading.excepthook = _quiet_event_writer_failures(threading.excepthook)
+
+
 def wait_for_later_event_file_name(tb_dir: Path) -> None:
     """Make the next event file sort after the existing ones.
 
@@ -45,6 +65,58 @@ def wait_for_later_event_file_name(tb_dir: Path) -> None:
         time.sleep(0.05)
 
 
+PROGRESS_SECONDS_ENV = "GENSUITE_PROGRESS_SECONDS"
+
+
+class PlainProgress:
+    """The progress bar as plain lines, for stderr that is a file (SLURM's .err log, CI, ``2> file``).
+
+    A line (step/total, steps/s, ETA, latest losses) is printed at the first step, at a log step
+    (``train.log_every``) when at least ``$GENSUITE_PROGRESS_SECONDS`` (default 30) have passed
+    since the previous line, at the last step, and at a stop before the last step: the less
+    frequent of the two intervals, with losses that are always a fresh log interval's means.
+    """
+
+    def __init__(self, step: int, total: int, emit: Callable[[str], None]):
+        self.start, self.step, self.total, self.emit = step, step, total, emit
+        try:
+            self.period = float(os.environ.get(PROGRESS_SECONDS_ENV) or 30)
+        except ValueError:
+            raise GensuiteError(f"${PROGRESS_SECONDS_ENV}={os.environ[PROGRESS_SECONDS_ENV]!r} is not a number of "
+                                f"seconds; set it to e.g. 30, or unset it") from None
+        self.began = self.printed_at = time.perf_counter()
+        self.printed_step = step
+
+    def advance(self, running_losses: Callable[[], dict[str, float]]) -> None:
+        self.step += 1
+        if self.step == self.start + 1:
+            self.line(running_losses())
+
+    def at_log_step(self, step: int, losses: dict[str, float]) -> None:
+        self.step = step
+        due = time.perf_counter() - self.printed_at >= self.period or step == self.total
+        if due and step != self.printed_step:
+            self.line(losses)
+
+    def close(self, running_losses: dict[str, float]) -> None:
+        if self.step != self.printed_step:  # stopped early (signal, divergence): where it got to
+            self.line(running_losses)
+
+    def line(self, losses: dict[str, float]) -> None:
+        now = time.perf_counter()
+        rate = (self.step - self.start) / max(now - self.began, 1e-9)
+        eta = _duration((self.total - self.step) / rate) if rate > 0 else "?"
+        shown = "".join(f"  {tag}={value:.4g}" for tag, value in sorted(losses.items()))
+        self.emit(f"step {self.step}/{self.total}  {rate:.3g} steps/s  ETA {eta}{shown}")
+        self.printed_at, self.printed_step = now, self.step
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
 class RunLogger:
     def __init__(self, run_dir: Path, job: JobConfig, enabled: bool, origin: str = ""):
         self.run_dir, self.job, self.enabled = Path(run_dir), job, enabled
@@ -56,6 +128,7 @@ class RunLogger:
         self.last: dict[str, float] = {}
         self.samples = 0
         self.clock = time.perf_counter()
+        self.lines: PlainProgress | None = None  # the bar's form when stderr is a file
 
     @property
     def tb_dir(self) -> Path:
@@ -82,11 +155,15 @@ class RunLogger:
 
         wait_for_later_event_file_name(self.tb_dir)
         # purge_step: after a resume TensorBoard drops events the crashed run logged past the checkpoint.
-        self.writer = SummaryWriter(str(self.tb_dir), purge_step=trainer.step + 1 if resumed else None)
-        self.writer.add_text("config", "    " + dump_yaml(self.job).replace("\n", "\n    "), trainer.step)
-        if self.job.log.progress_bar:
+        with self._events():
+            self.writer = SummaryWriter(str(self.tb_dir), purge_step=trainer.step + 1 if resumed else None)
+        with self._events():
+            self.writer.add_text("config", "    " + dump_yaml(self.job).replace("\n", "\n    "), trainer.step)
+        if self.job.log.progress_bar and sys.stderr.isatty():
             self.bar = tqdm(total=trainer.total_steps, initial=trainer.step, unit="step", dynamic_ncols=True,
                             desc=self.job.name, file=sys.stderr)
+        elif self.job.log.progress_bar:  # a SLURM log, CI, `2> file`: no carriage-return redraws
+            self.lines = PlainProgress(trainer.step, trainer.total_steps, self.info)
         self.clock = time.perf_counter()
 
     def count_samples(self, n: int) -> None:
@@ -101,6 +178,12 @@ class RunLogger:
     def advance(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
+        if self.lines is not None:
+            self.lines.advance(self._running_losses)
+
+    def _running_losses(self) -> dict[str, float]:
+        """Means of the loss terms since the last log step."""
+        return {tag: self.sums[tag] / self.counts[tag] for tag in self.sums if tag.endswith("/loss")}
 
     def scalars(self, step: int, lrs: dict[str, float]) -> None:
         """Means of every loss term since the last call, learning rates and throughput."""
@@ -111,8 +194,9 @@ class RunLogger:
         values = {tag: self.sums[tag] / self.counts[tag] for tag in self.sums}
         values.update({f"lr/{p}": lr for p, lr in lrs.items()})
         values["perf/samples_per_sec"] = self.samples / max(now - self.clock, 1e-9)
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
+        with self._events():
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
         self.last.update(values)
         self.sums.clear(), self.counts.clear()
         self.samples, self.clock = 0, now
@@ -120,17 +204,20 @@ class RunLogger:
             shown = {t.split("/", 1)[0] + ":" + t.split("/", 1)[1]: f"{v:.4g}" for t, v in values.items()
                      if t.endswith("/loss")}
             self.bar.set_postfix(shown, refresh=False)
+        if self.lines is not None:
+            self.lines.at_log_step(step, {t: v for t, v in values.items() if t.endswith("/loss")})
 
     def eval_values(self, step: int, values: dict[str, Any], protocol: str | None = None) -> None:
         """Scalars as ``eval/<name>``; figures (confusion matrices) as images and PNGs."""
         if not self.enabled:
             return
-        if protocol:  # what the numbers mean, next to them
-            self.writer.add_text("eval/protocol", protocol, step)
         scalars = {k: v for k, v in values.items() if isinstance(v, float)}
-        for name, value in scalars.items():
-            self.writer.add_scalar(f"eval/{name}", value, step)
-            self.last[f"eval/{name}"] = value
+        with self._events():
+            if protocol:  # what the numbers mean, next to them
+                self.writer.add_text("eval/protocol", protocol, step)
+            for name, value in scalars.items():
+                self.writer.add_scalar(f"eval/{name}", value, step)
+                self.last[f"eval/{name}"] = value
         figures = {k: v for k, v in values.items() if k not in scalars}
         if figures:
             self.visuals(step, figures, family=None)
@@ -150,14 +237,20 @@ class RunLogger:
             png = self.samples_dir / f"{name}-{step:08d}.png"
             if isinstance(value, torch.Tensor):
                 grid = make_grid(value.float().clamp(0, 1).cpu(), nrow=family.grid_nrow(len(value)), padding=2)
-                self.writer.add_image(f"samples/{name}", grid, step)
+                with self._events():
+                    self.writer.add_image(f"samples/{name}", grid, step)
                 if self.job.log.save_png:
-                    save_image(grid, png)
+                    with writing(png, self.run_dir):
+                        save_image(grid, png)
             else:
-                if self.job.log.save_png:
-                    value.savefig(png, dpi=100)
-                self.writer.add_figure(f"figures/{name}", value, step, close=True)
-                plt.close(value)
+                try:
+                    if self.job.log.save_png:
+                        with writing(png, self.run_dir):
+                            value.savefig(png, dpi=100)
+                    with self._events():
+                        self.writer.add_figure(f"figures/{name}", value, step, close=True)
+                finally:
+                    plt.close(value)
 
     def finish(self, step: int) -> dict[str, float]:
         if not self.enabled:
@@ -165,26 +258,40 @@ class RunLogger:
         from torch.utils.tensorboard.summary import hparams
 
         metrics = {f"final/{tag}": v for tag, v in self.last.items()}
-        # Written into the run's own event file (SummaryWriter.add_hparams would start a new one).
-        for summary in hparams(hparams_of(self.job), metrics):
-            self.writer.file_writer.add_summary(summary, step)
-        for tag, value in metrics.items():
-            self.writer.add_scalar(tag, value, step)
-        self.writer.flush()
+        with self._events():
+            # Written into the run's own event file (SummaryWriter.add_hparams would start a new one).
+            for summary in hparams(hparams_of(self.job), metrics):
+                self.writer.file_writer.add_summary(summary, step)
+            for tag, value in metrics.items():
+                self.writer.add_scalar(tag, value, step)
+            self.writer.flush()
         if self.job.log.save_png:
-            write_progress_gifs(self.samples_dir)
+            write_progress_gifs(self.samples_dir, self.run_dir)
         return metrics
+
+    def _events(self):
+        """A full disk while TensorBoard writes (in its own thread: the error surfaces at the writer's
+        next call) becomes one line naming the event file. The file is kept: it holds the earlier
+        events, and TensorBoard reads a file up to an incomplete last record."""
+        event_writer = getattr(getattr(self.writer, "file_writer", None), "event_writer", None)
+        return writing(Path(getattr(event_writer, "_file_name", self.tb_dir)), self.run_dir, remove_partial=False)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        if self.lines is not None:
+            self.lines.close(self._running_losses())
+            self.lines = None
         if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+            try:
+                with self._events():
+                    self.writer.close()
+            finally:
+                self.writer = None
 
 
-def write_progress_gifs(folder: Path) -> None:
+def write_progress_gifs(folder: Path, run_dir: Path | None = None) -> None:
     """``<name>.gif`` from the ``<name>-<step>.png`` grids: how samples evolved during training."""
     from PIL import Image
 
@@ -195,7 +302,8 @@ def write_progress_gifs(folder: Path) -> None:
         if len(frames) < 2:
             continue
         images = [Image.open(f).convert("RGB") for f in frames]
-        images[0].save(folder / f"{name}.gif", save_all=True, append_images=images[1:], duration=400, loop=0)
+        with writing(folder / f"{name}.gif", run_dir):
+            images[0].save(folder / f"{name}.gif", save_all=True, append_images=images[1:], duration=400, loop=0)
 
 
 def scatter(points: torch.Tensor):

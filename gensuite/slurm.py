@@ -7,7 +7,9 @@ signals, requeue through submitit), local execution when there is no SLURM, and 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -15,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,8 @@ import submitit
 
 from gensuite.config import JobConfig, LaunchConfig
 from gensuite.distributed import StopRequest
-from gensuite.errors import GensuiteError, Interrupted
+from gensuite.checkpoint import atomic_write_text
+from gensuite.errors import AlreadyReported, GensuiteError, Interrupted
 from gensuite.sweep import SweepTask
 
 SUBMISSION_FILE = "submission.json"
@@ -148,16 +152,19 @@ class TrainTask(submitit.helpers.Checkpointable):
         try:
             return train(job, run_dir, stop)
         except Interrupted as e:
-            if not e.requeue:
-                raise
             submitit_handler = stop.previous.get(stop.signal)
             stop.ignore_further()
-            # submitit's own handler: on rank 0 it calls checkpoint() below, requeues and exits;
+            if not e.requeue:  # scancel or a preemption: the checkpoint is written, end without a traceback
+                if e.announce:
+                    print(f"{e}; submit the job again to resume", file=sys.stderr, flush=True)
+                raise SystemExit(e.exit_code) from None
+            # submitit's own handler: on rank 0 it calls checkpoint() below, requeues and exits (or,
+            # out of requeues, raises UncompletedJobError, which slurm_entry reports in one line);
             # other ranks return from it and wait for SLURM to end the step.
             if callable(submitit_handler):
                 submitit_handler(stop.signal, None)
             time.sleep(120)
-            raise
+            raise SystemExit(e.exit_code) from None
 
     def checkpoint(self, job_dict: dict[str, Any], run_dir: str) -> submitit.helpers.DelayedSubmission:
         # The run directory already holds the checkpoint written at the stop; resume from it.
@@ -170,22 +177,48 @@ class TrainTask(submitit.helpers.Checkpointable):
 
 def run_locally(tasks: list[SweepTask]) -> None:
     """Each run in turn on this machine: in this process, or through torchrun for several ranks."""
+    stop = StopRequest().install()  # one for the whole sweep: a stop signal ends it, not just one run
+    try:
+        for task in tasks:
+            _run_one_locally(task, stop)
+    finally:
+        stop.uninstall()
+
+
+def _run_one_locally(task: SweepTask, stop: StopRequest) -> None:
     from gensuite.config import dump_yaml
     from gensuite.trainer import train
 
-    for task in tasks:
-        ranks = task.job.launch.world_size
-        print(f"running {task.name or task.job.name} locally -> {task.run_dir}", file=sys.stderr)
-        if ranks == 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            train(task.job, task.run_dir)
-            continue
-        task.run_dir.mkdir(parents=True, exist_ok=True)
-        config = task.run_dir / "config.yaml"
-        config.write_text(dump_yaml(task.job))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               "-m", "gensuite.train", str(config), "--run-dir", str(task.run_dir)]
-        if subprocess.run(cmd).returncode != 0:
-            raise GensuiteError(f"{task.run_dir}: local {ranks}-process run failed (see the output above)")
+    ranks = task.job.launch.world_size
+    print(f"running {task.name or task.job.name} locally -> {task.run_dir}", file=sys.stderr)
+    if ranks == 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        train(task.job, task.run_dir, stop)
+        return
+    task.run_dir.mkdir(parents=True, exist_ok=True)
+    job_file = task.run_dir / ".launch-job.yaml"  # the ranks write config.yaml once resume checks pass
+    atomic_write_text(job_file, dump_yaml(task.job))
+    code = run_forwarding_signals([sys.executable, "-m", "gensuite.distributed", str(ranks), "-m",
+                                   "gensuite.train", str(job_file), "--run-dir", str(task.run_dir)])
+    if code in {2} | {128 + s for s in StopRequest.SIGNALS}:
+        raise AlreadyReported(code)  # the ranks printed the error, or where they stopped
+    if code != 0:
+        raise GensuiteError(f"{task.run_dir}: local {ranks}-process run failed with exit code {code} "
+                            f"(see the output above)")
+
+
+def run_forwarding_signals(cmd: list[str]) -> int:
+    """Run ``cmd`` in its own session and pass it each SIGTERM/SIGINT this process gets, exactly once
+    (in its own session a terminal's Ctrl-C does not reach it a second time directly)."""
+    import signal
+
+    child = subprocess.Popen(cmd, start_new_session=True)
+    forward = lambda signum, frame: child.send_signal(signum)  # noqa: E731
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 # -- status ---------------------------------------------------------------------------------------
@@ -200,27 +233,95 @@ def _queue_states(job_ids: list[str]) -> dict[str, str]:
     return dict(line.split() for line in out.stdout.splitlines() if len(line.split()) == 2)
 
 
-def _result_state(folder: Path, job_id: str) -> str | None:
-    """submitit's result file of task 0: written when the task ended (success or error)."""
+def _result_state(folder: Path, job_id: str) -> tuple[str | None, str | None]:
+    """State from submitit's result file of task 0 (written when the task ended), and a note.
+
+    ``("COMPLETED", None)``, ``("FAILED", last line of the stored traceback)``, ``(None, None)``
+    while there is no file, ``(None, why)`` when it cannot be read (a partial copy, another format).
+    """
     import pickle
 
     path = folder / f"{job_id}_0_result.pkl"
     if not path.exists():
-        return None
-    with open(path, "rb") as f:
-        outcome, _ = pickle.load(f)  # our own submitit output
-    return "COMPLETED" if outcome == "success" else "FAILED"
+        return None, None
+    try:
+        with open(path, "rb") as f:
+            outcome, value = pickle.load(f)  # our own submitit output
+    except Exception as e:  # noqa: BLE001 - any unpickling failure: a damaged file, not a crash
+        return None, f"cannot read submitit's result file {path} ({type(e).__name__}); state unknown"
+    if outcome == "success":
+        return "COMPLETED", None
+    return "FAILED", _error_line(str(value).splitlines()) if outcome == "error" else None
+
+
+NOTE_CHARS = 200
+STOP_MARKERS = ("stopped by SIGTERM at step", "stopped by SIGINT at step")
+
+
+def _trim(line: str) -> str:
+    line = line.strip()
+    return line if len(line) <= NOTE_CHARS else line[:NOTE_CHARS - 3] + "..."
+
+
+def _error_line(lines: list[str]) -> str | None:
+    """The first ``error: ...`` line, else the exception line ending the last Python traceback."""
+    for line in lines:
+        if line.startswith("error:"):
+            return _trim(line)
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    if starts:
+        # frames and source lines are indented; the first unindented line after them is the exception
+        for line in lines[starts[-1] + 1:]:
+            if line.strip() and not line[0].isspace():
+                return _trim(line)
+    return None
+
+
+def _log_lines(path: str | None) -> list[str]:
+    try:
+        return Path(path).read_text(errors="replace").splitlines() if path else []
+    except OSError:
+        return []
+
+
+def _stop_line(lines: list[str]) -> str | None:
+    """The last "stopped by SIGTERM/SIGINT at step N ..." line of a log, from "stopped" on."""
+    for line in reversed(lines):
+        for marker in STOP_MARKERS:
+            if marker in line:
+                return _trim(line[line.index(marker):])
+    return None
+
+
+@contextlib.contextmanager
+def _quiet(*names: str):
+    """Only errors from the named loggers, and no Python warnings, inside the block; then as before.
+
+    TensorBoard's reader logs through Python logging (the ``tensorboard`` logger), e.g. "Detected
+    out of order event.step ... Purging expired events" for every resumed run."""
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, saved):
+            logger.setLevel(level)
 
 
 def last_metrics(run_dir: Path) -> tuple[int | None, dict[str, float]]:
     """Last logged step and the latest value of each loss term, read from the event files."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     tb = run_dir / "tb"
     if not tb.is_dir():
         return None, {}
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
-    acc.Reload()
+    with _quiet("tensorboard", "absl"):  # library chatter would land in the status table
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
+        acc.Reload()
     metrics, step = {}, None
     for tag in acc.Tags()["scalars"]:
         if tag.endswith("/loss") and not tag.startswith("final/"):
@@ -230,17 +331,57 @@ def last_metrics(run_dir: Path) -> tuple[int | None, dict[str, float]]:
     return step, metrics
 
 
+TASK_FIELDS = ("name", "run_dir", "job_id", "stderr")
+
+
+def read_submission(run_root: Path) -> dict[str, Any]:
+    """``<run root>/submission.json``, checked: a one-line error when it is not one submit wrote."""
+    path = run_root / SUBMISSION_FILE
+    if not path.is_file():
+        raise GensuiteError(f"{path}: no submission record; pass the run root that submit printed")
+
+    def refuse(why: str) -> GensuiteError:
+        return GensuiteError(f"{path}: not a submission record written by launch/submit.py ({why}); "
+                             f"pass the run root that submit printed, or submit the job again")
+
+    try:
+        record = json.loads(path.read_text(errors="replace"))
+    except (ValueError, OSError) as e:
+        raise refuse(f"not JSON: {str(e).splitlines()[0]}") from None
+    if not isinstance(record, dict):
+        raise refuse(f"a JSON {type(record).__name__}, not an object")
+    for key, kind in (("job", str), ("log_folder", str), ("tasks", list)):
+        if not isinstance(record.get(key), kind):
+            raise refuse(f"no {key!r} field" if key not in record else f"{key!r} is not a {kind.__name__}")
+    if not record["tasks"]:
+        raise refuse("'tasks' is empty")
+    for i, task in enumerate(record["tasks"]):
+        missing = [k for k in TASK_FIELDS if not isinstance(task, dict) or not isinstance(task.get(k), str)]
+        if missing:
+            raise refuse(f"tasks[{i}] has no {', '.join(repr(k) for k in missing)}")
+    return record
+
+
 def status(run_root: Path) -> list[dict[str, Any]]:
-    record_path = run_root / SUBMISSION_FILE
-    if not record_path.is_file():
-        raise GensuiteError(f"{record_path}: no submission record; pass the run root that submit printed")
-    record = json.loads(record_path.read_text())
+    """Each submitted task: SLURM's state while queued, else its outcome, last step and losses.
+
+    Outcome: submitit's result file (COMPLETED/FAILED), else STOPPED when its log says it was stopped
+    by SIGTERM/SIGINT, else UNKNOWN. ``note``: a FAILED task's first error line, a STOPPED task's stop
+    line, or why the result file could not be read."""
+    record = read_submission(run_root)
     tasks = record["tasks"]
     queued = _queue_states([t["job_id"] for t in tasks])
     rows = []
     for t in tasks:
-        state = queued.get(t["job_id"]) or _result_state(Path(record["log_folder"]), t["job_id"]) or "UNKNOWN"
+        state, note = queued.get(t["job_id"]), None
+        if state is None:
+            state, note = _result_state(Path(record["log_folder"]), t["job_id"])
+            lines = _log_lines(t["stderr"])
+            if state == "FAILED":
+                note = _error_line(lines) or note
+            elif state is None and _stop_line(lines):
+                state, note = "STOPPED", _stop_line(lines)
         step, metrics = last_metrics(Path(t["run_dir"]))
-        rows.append({"name": t["name"] or record["job"], "job_id": t["job_id"], "state": state, "step": step,
-                     "metrics": metrics, "run_dir": t["run_dir"]})
+        rows.append({"name": t["name"] or record["job"], "job_id": t["job_id"], "state": state or "UNKNOWN",
+                     "step": step, "metrics": metrics, "run_dir": t["run_dir"], "note": note})
     return rows

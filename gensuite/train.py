@@ -31,6 +31,7 @@ def requested_ranks_without_a_launcher() -> int:
 if __name__ == "__main__":
     ranks = requested_ranks_without_a_launcher()
     if ranks > 1:  # start them the way `--multi_gpu` would have: torchrun over gloo
-        os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                  f"--nproc_per_node={ranks}", "-m", "gensuite.train", *sys.argv[1:]])
+        from gensuite.distributed import run_ranks
+
+        sys.exit(run_ranks(ranks, ["-m", "gensuite.train", *sys.argv[1:]]))
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -8,6 +8,7 @@ the contract in ``gensuite.registry``; subclasses may override the small ``*_ste
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass
@@ -22,11 +23,11 @@ import gensuite
 from gensuite import checkpoint as ckpt
 from gensuite import evaluation
 from gensuite.config import JobConfig, OptimizerSpec, dump_yaml
-from gensuite.data.pipeline import ShardStream, make_loader, read_split, split_shards
-from gensuite.data.shards import data_spec, read_manifest
+from gensuite.data.pipeline import SKIPPED, ShardStream, make_loader, read_split, split_shards, worker_error_message
+from gensuite.data.shards import data_spec, open_shard_set, read_manifest
 from gensuite.distributed import (Runtime, StopRequest, deepspeed_config, deepspeed_engine, node_name, rng_state,
                                   seed_everything, set_rng_state)
-from gensuite.errors import ConfigError, GensuiteError, Interrupted, TrainingDiverged
+from gensuite.errors import ConfigError, DiskFull, GensuiteError, Interrupted, AlreadyReported, TrainingDiverged
 from gensuite.logger import RunLogger
 from gensuite.registry import Family, Networks, Player, get_family
 
@@ -54,6 +55,61 @@ class BatchPlan:
         if per_rank % micro:
             raise ConfigError("train.micro_batch_size", f"{micro} does not divide the per-rank batch {per_rank}")
         return cls(size, per_rank, micro, per_rank // micro)
+
+
+@dataclass
+class JobPlan:
+    """What a job does on a shard set and a rank count: its family, players and batch split.
+
+    ``gensuite validate``, the launcher's preflight and the trainer build it the same way, so a job
+    that validates is not refused by the trainer before its first step."""
+
+    family: Family
+    players: list[Player]
+    batch: BatchPlan
+    batches_per_epoch: int | None  # None: the training split's size is unknown (no shards yet)
+
+    @classmethod
+    def of(cls, job: JobConfig, spec, world_size: int, inputs_required: bool = True) -> JobPlan:
+        """``inputs_required``: the runs frozen networks come from must exist (not yet for
+        ``gensuite validate`` without ``--data``)."""
+        family: Family = get_family(job.family)(job.model, spec)
+        players = family.players()
+        batch = BatchPlan.of(job, world_size)
+        try:
+            frozen = list(family.frozen_networks())
+        except ConfigError:
+            if inputs_required:
+                raise
+            frozen = []
+        networks = [n for p in players for n in p.networks] + frozen
+        for name, overrides in job.optim.players.items():
+            if name not in {p.name for p in players}:
+                raise ConfigError(f"optim.players.{name}", f"no such player{_close(name, [p.name for p in players])}; "
+                                                           f"the {job.family} family has "
+                                                           f"{', '.join(p.name for p in players)}")
+        for i, name in enumerate(job.train.ema.networks):
+            if name not in networks:
+                raise ConfigError(f"train.ema.networks[{i}]", f"unknown network {name!r}{_close(name, networks)}; "
+                                                             f"the {job.family} family has {', '.join(networks)}")
+        if job.train.strategy == "deepspeed" and job.train.precision == "fp16":  # bf16 is autocast over fp32
+            raise ConfigError("train.precision", "fp16 under strategy deepspeed needs DeepSpeed's loss scaler, "
+                                                 "which this loop does not drive; use bf16")
+        train_samples = spec.samples.get("train")
+        per_epoch = None
+        if train_samples is not None:
+            per_epoch = train_samples // batch.global_batch
+            if per_epoch < 1:
+                raise ConfigError("train.batch_size", f"{batch.global_batch} exceeds the {train_samples} training "
+                                                      f"samples of {spec.dataset}; use at most {train_samples}")
+        return cls(family, players, batch, per_epoch)
+
+
+def _close(name: str, options: list[str]) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean {match[0]}?)" if match else ""
 
 
 def build_optimizer(params: list[nn.Parameter], spec: OptimizerSpec) -> torch.optim.Optimizer:
@@ -102,15 +158,13 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.rt = runtime or Runtime(job.train.precision)
         self.shard_dir = Path(job.data.root) / job.data.dataset
-        self.manifest = read_manifest(self.shard_dir)
+        self.manifest = open_shard_set(self.shard_dir)  # every shard checked against its sha256
         self.spec = data_spec(self.manifest)
-        self.family: Family = get_family(job.family)(job.model, self.spec)
-        self.plan = BatchPlan.of(job, self.rt.world_size)
-        self.players: list[Player] = self.family.players()
-        self.batches_per_epoch = self.spec.samples["train"] // self.plan.global_batch
-        if self.batches_per_epoch < 1:
-            raise ConfigError("train.batch_size", f"{self.plan.global_batch} exceeds the "
-                                                  f"{self.spec.samples['train']} training samples")
+        planned = JobPlan.of(job, self.spec, self.rt.world_size)
+        self.family: Family = planned.family
+        self.plan = planned.batch
+        self.players: list[Player] = planned.players
+        self.batches_per_epoch = planned.batches_per_epoch
         data_steps = sum(p.steps for p in self.players if p.consumes_data) or 1
         self.steps_per_epoch = self.batches_per_epoch / data_steps
         self.total_steps = job.train.steps or max(1, round(job.train.epochs * self.steps_per_epoch))
@@ -128,6 +182,11 @@ class Trainer:
         self.consumed = 0  # micro-batches this rank has drawn: the data position
         self.logger = RunLogger(self.run_dir, job, enabled=self.rt.is_main,
                                 origin=f"{node_name()} rank {self.rt.rank}/{self.rt.world_size}")
+        self.write_failure: DiskFull | None = None  # rank 0's, held until the ranks agree to stop
+        if self.rt.is_main:
+            for folder in (self.run_dir, ckpt.checkpoint_dir(self.run_dir)):
+                for stale in ckpt.remove_stale_temporaries(folder):
+                    self.logger.info(f"removed {stale}, left by an interrupted write")
         # Each rank draws different noise, reproducibly.
         seed_everything((job.train.seed + 1) * 100_003 + self.rt.rank)
         self._resume()
@@ -151,15 +210,8 @@ class Trainer:
         orphans = [n for n in nets if n not in owners and n not in frozen]
         if orphans:
             raise RuntimeError(f"family {self.job.family}: networks {orphans} belong to no player")
-        unknown = [n for n in self.job.train.ema.networks if n not in nets]
-        if unknown:
-            raise ConfigError("train.ema.networks", f"unknown network {unknown[0]!r}; this family has "
-                                                    f"{', '.join(nets)}")
         self.bare = nets  # unwrapped modules: checkpoints, frozen views, sampling
         self.deepspeed = self.job.train.strategy == "deepspeed"
-        if self.deepspeed and self.job.train.precision == "fp16":  # bf16 is autocast over fp32 weights
-            raise ConfigError("train.precision", "fp16 under strategy deepspeed needs DeepSpeed's loss scaler, "
-                                                 "which this loop does not drive; use bf16")
         self.ema = {
             n: AveragedModel(nets[n], multi_avg_fn=get_ema_multi_avg_fn(self.job.train.ema.decay), use_buffers=True)
             .to(self.rt.device).eval()
@@ -186,21 +238,29 @@ class Trainer:
             else:
                 opt = self.rt.prepare_optimizer(opt)
             self.optimizers[p.name], self.optim_specs[p.name] = opt, spec
-        unknown = set(self.job.optim.players) - set(self.optimizers)
-        if unknown:
-            raise ConfigError(f"optim.players.{sorted(unknown)[0]}",
-                              f"no such player; this family has {', '.join(self.optimizers)}")
 
     def _resume(self) -> None:
         resume = self.job.train.resume
-        path = None
-        if resume == "auto":
-            path = ckpt.latest_checkpoint(self.run_dir)
-        elif resume != "never":
-            path = Path(resume)
-        if path is None:
+        if resume == "never":
             return
-        state = ckpt.load_checkpoint(path)
+        if resume == "auto":
+            skipped: list[Path] = []
+
+            def warn(message: str) -> None:
+                skipped.append(Path(message.removeprefix("skipping ").split(": ", 1)[0]))
+                self.logger.info(f"warning: {message}")
+
+            found = ckpt.load_latest_readable(self.run_dir, warn)
+            if found is None:
+                return
+            path, state = found
+            self.rt.barrier()  # every rank has chosen before rank 0 renames what it skipped
+            if self.rt.is_main:
+                for kept in ckpt.set_aside_unreadable(skipped):
+                    self.logger.info(f"warning: kept the unreadable checkpoint as {kept}; resuming from {path}")
+        else:
+            path = Path(resume)
+            state = ckpt.load_checkpoint(path)
         saved = state["config"]
         for key in ("family", "flavor"):
             if saved[key] != getattr(self.job, key):
@@ -213,8 +273,13 @@ class Trainer:
                                 f"resume it with the same train.strategy"
                                 + (" and rank count (ZeRO partitions the optimizer by rank)" if self.deepspeed else ""))
         for name, module in self.bare.items():
+            ckpt.check_fits(module, state["networks"].get(name, {}), str(path), name)
             module.load_state_dict(state["networks"][name])
         for name, avg in self.ema.items():
+            if name not in state.get("ema", {}):
+                raise GensuiteError(f"{path}: the checkpoint has no EMA copy of {name}, which train.ema.networks "
+                                    f"asks for; resume with the run's train.ema settings or use another --run-dir")
+            ckpt.check_fits(avg, state["ema"][name], str(path), f"EMA {name}")
             avg.load_state_dict(state["ema"][name])
         for name, opt in self.optimizers.items():
             if self.deepspeed:  # each rank's optimizer partition, from DeepSpeed's own files
@@ -246,21 +311,36 @@ class Trainer:
         shards = split_shards(self.manifest, self.shard_dir, "train")
         stream = ShardStream(shards, self.spec.kind, self.spec.channels, self.plan.micro,
                              self.batches_per_epoch * self.plan.accumulation, self.rt.rank, self.rt.world_size,
-                             self.job.train.seed, self.job.data.shuffle_buffer, start_batch=self.consumed)
+                             self.job.train.seed, self.job.data.shuffle_buffer, start_batch=self.consumed,
+                             shape=self.spec.shape, on_bad_sample=self.job.data.on_bad_sample)
+        self.skipped_samples, self.skips_logged = 0, 0  # on_bad_sample: skip (all ranks' count, as last logged)
         return iter(make_loader(stream, self.job.data.workers))
 
     def _next_batches(self, data) -> list[dict[str, torch.Tensor]]:
         batches = []
         for _ in range(self.plan.accumulation):
-            batch = next(data)
+            try:
+                batch = next(data)
+            except GensuiteError as e:  # from a DataLoader worker, torch makes the message its traceback text
+                if "\n" not in str(e):
+                    raise
+                raise GensuiteError(worker_error_message(e)) from None
+            self.skipped_samples += int(batch.pop(SKIPPED, 0))
             batches.append(to_device(batch, self.rt.device))
             self.consumed += 1
+        if self.job.data.on_bad_sample == "skip" and self.step % self.job.train.log_every == 0:
+            skipped = int(self.rt.sum_across_ranks(torch.tensor([float(self.skipped_samples)], dtype=torch.float64)))
+            if skipped > self.skips_logged:
+                self.logger.info(f"step {self.step}: skipped {skipped} samples so far that do not decode "
+                                 f"(data.on_bad_sample: skip)")
+                self.skips_logged = skipped
         return batches
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict[str, float]:
         job, log = self.job, self.logger
-        log.start(self, resumed=self.step > 0)
+        with self.rank0_writes():
+            log.start(self, resumed=self.step > 0)
         log.info(f"{self.rt.describe()}: {job.family}/{job.flavor} on {self.spec.dataset}, steps "
                  f"{self.step}->{self.total_steps}, global batch {self.plan.global_batch} = {self.rt.world_size} "
                  f"ranks x {self.plan.accumulation} x {self.plan.micro}")
@@ -286,7 +366,8 @@ class Trainer:
             self.update_ema()
             log.advance()
             if self.step % job.train.log_every == 0 or self.step == self.total_steps:
-                log.scalars(self.step, self._lrs())
+                with self.rank0_writes():
+                    log.scalars(self.step, self._lrs())
             if self.step % job.train.sample_every == 0 or self.step == self.total_steps:
                 self.log_visuals(fixed, reference)
             if self.metrics and (self.step == self.total_steps or (job.eval.every and self.step % job.eval.every == 0)):
@@ -294,10 +375,30 @@ class Trainer:
             saved = self.step % job.train.checkpoint_every == 0 or self.step == self.total_steps
             if saved:
                 self.save()
-            if self.stop is not None and self.rt.any_across_ranks(self.stop.requested):
+            if self._stopping():
                 self._stop_on_signal(saved)
         log.say(f"finished at step {self.step}; parameter checksum {self.parameter_checksum()}")
-        return log.finish(self.step)
+        with self.rank0_writes():
+            metrics = log.finish(self.step)
+        self._stopping()
+        return metrics
+
+    @contextlib.contextmanager
+    def rank0_writes(self):
+        """Rank 0's files (event files, grids, checkpoints). A full disk there is held until the
+        step's end, where all ranks learn of it together: no rank is left waiting in a collective."""
+        try:
+            yield
+        except DiskFull as e:
+            self.write_failure = self.write_failure or e
+
+    def _stopping(self) -> bool:
+        """Whether any rank was asked to stop; raises a full disk on rank 0 on every rank."""
+        stop_asked, write_failed = self.rt.flags_across_ranks(
+            [self.stop is not None and self.stop.requested, self.write_failure is not None])
+        if write_failed:
+            raise self.write_failure if self.write_failure is not None else AlreadyReported()
+        return stop_asked
 
     def parameter_checksum(self) -> str:
         """sha256 of every network's parameters: equal on all ranks iff they hold bitwise-equal weights.
@@ -313,10 +414,14 @@ class Trainer:
 
     def _stop_on_signal(self, saved: bool) -> None:
         path = ckpt.latest_checkpoint(self.run_dir) if saved else self.save()
+        self._stopping()  # a full disk while writing that checkpoint ends the run with that error
         path = self.rt.broadcast_object(str(path))
         self.logger.say(f"signal received; stopping after step {self.step} (checkpoint {path})")
-        requeue = self.rt.any_across_ranks(bool(self.stop.requeue))
-        raise Interrupted(self.step, path, requeue)
+        # The signal one rank got decides for all (SIGUSR2: requeue; else checkpoint and exit).
+        signum = self.stop.signal or 0
+        requeue = self.rt.any_across_ranks(self.stop.requeue)
+        signum = max(self.rt.gather_object(signum)) if signum == 0 or self.rt.world_size > 1 else signum
+        raise Interrupted(signum, self.step, path, requeue, announce=self.rt.is_main)
 
     def player_step(self, player: Player, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """One optimiser step of ``player`` over the accumulated micro-batches; others are frozen."""
@@ -381,8 +486,9 @@ class Trainer:
             for n, m in self.bare.items():
                 m.train(modes[n])
         first, self.protocol_logged = not self.protocol_logged, True
-        self.logger.eval_values(self.step, values,
-                                "\n\n".join(m.describe(ctx) for m in self.metrics) if first else None)
+        with self.rank0_writes():
+            self.logger.eval_values(self.step, values,
+                                    "\n\n".join(m.describe(ctx) for m in self.metrics) if first else None)
         name = self.job.eval.best
         if name is not None:
             better = evaluation.higher_is_better(self.metrics, name)
@@ -418,7 +524,8 @@ class Trainer:
         finally:
             for n, m in self.bare.items():
                 m.train(modes[n])
-        self.logger.visuals(self.step, visuals, self.family)
+        with self.rank0_writes():
+            self.logger.visuals(self.step, visuals, self.family)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state(self, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
@@ -452,9 +559,10 @@ class Trainer:
         if best:
             path = None
             if self.rt.is_main:
-                path = ckpt.save_named(self.run_dir, "best", self.state(rngs))
-                self.logger.info(f"step {self.step}: new best eval/{self.job.eval.best} = "
-                                 f"{self.best['value']:.5g}; {path}")
+                with self.rank0_writes():
+                    path = ckpt.save_named(self.run_dir, "best", self.state(rngs))
+                    self.logger.info(f"step {self.step}: new best eval/{self.job.eval.best} = "
+                                     f"{self.best['value']:.5g}; {path}")
             self.rt.barrier()
             return path
         if self.deepspeed:  # collective; written before the step file that makes the checkpoint count
@@ -464,16 +572,17 @@ class Trainer:
             self.rt.barrier()
         path = None
         if self.rt.is_main:
-            path = ckpt.save_checkpoint(self.run_dir, self.step, self.state(rngs), self.job.train.keep_checkpoints)
-            self.logger.info(f"step {self.step}: checkpoint {path}")
+            with self.rank0_writes():
+                path = ckpt.save_checkpoint(self.run_dir, self.step, self.state(rngs),
+                                            self.job.train.keep_checkpoints)
+                self.logger.info(f"step {self.step}: checkpoint {path}")
         self.rt.barrier()
         return path
 
 
 def load_network(source: str, name: str) -> dict[str, torch.Tensor]:
     """Weights of network ``name`` from a checkpoint file or the latest checkpoint of a run dir."""
-    path = ckpt.resolve_checkpoint(source)
-    state = ckpt.load_checkpoint(path)
+    path, state = ckpt.load_source(source)
     if name not in state["networks"]:
         raise GensuiteError(f"{path}: checkpoint has no network {name!r} (it has {', '.join(state['networks'])})")
     ema = ckpt.ema_weights(state, name)  # prefer the EMA weights a run samples with
@@ -491,13 +600,15 @@ def architecture_text(nets: dict[str, nn.Module], frozen: dict[str, Any]) -> str
     return "\n".join(parts) + f"\ntotal: {total:,} parameters\n"
 
 
-def preflight(job: JobConfig) -> None:
-    """What a queued job would fail on at once, checked before it is queued: its shards, its
-    model settings, and the runs its frozen networks come from (one-line errors)."""
-    spec = data_spec(read_manifest(Path(job.data.root) / job.data.dataset))
-    family = get_family(job.family)(job.model, spec)
-    for source in family.frozen_networks().values():
+def preflight(job: JobConfig, world_size: int | None = None) -> JobPlan:
+    """What a job would fail on before its first step, checked before it is queued or started: its
+    shards, its model, optimiser and batch settings on ``world_size`` ranks (default: the launch
+    section's), and the runs its frozen networks come from (one-line errors)."""
+    spec = data_spec(open_shard_set(Path(job.data.root) / job.data.dataset))
+    planned = JobPlan.of(job, spec, world_size or job.launch.world_size)
+    for source in planned.family.frozen_networks().values():
         ckpt.resolve_checkpoint(source[0] if isinstance(source, tuple) else source)
+    return planned
 
 
 def train(job: JobConfig, run_dir: str | Path, stop: StopRequest | None = None) -> dict[str, float]:
@@ -505,15 +616,25 @@ def train(job: JobConfig, run_dir: str | Path, stop: StopRequest | None = None) 
 
     With ``stop``, a signal makes every rank checkpoint after the current step and raise
     ``Interrupted`` (the SLURM task requeues on it)."""
-    runtime = Runtime(job.train.precision)
-    run_dir = Path(run_dir)
-    if runtime.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(job))
-    trainer = Trainer(job, run_dir, runtime, stop)
-    if runtime.is_main:
-        (run_dir / "architecture.txt").write_text(architecture_text(trainer.bare, trainer.family.frozen_networks()))
+    own_stop = stop is None
+    stop = StopRequest().install() if own_stop else stop
     try:
-        return trainer.run()
+        runtime = Runtime(job.train.precision)
+        run_dir = Path(run_dir)
+        if runtime.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        trainer = Trainer(job, run_dir, runtime, stop)
+        if runtime.is_main:  # only now: a job its checkpoints refuse leaves the run's config.yaml as it was
+            with trainer.rank0_writes():
+                ckpt.atomic_write_text(run_dir / "config.yaml", dump_yaml(job))
+                ckpt.atomic_write_text(run_dir / "architecture.txt",
+                                       architecture_text(trainer.bare, trainer.family.frozen_networks()))
+        try:
+            trainer._stopping()
+            return trainer.run()
+        finally:
+            with contextlib.suppress(DiskFull):  # the first full-disk error has been raised already
+                trainer.logger.close()
     finally:
-        trainer.logger.close()
+        if own_stop:
+            stop.uninstall()

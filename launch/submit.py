@@ -46,7 +46,9 @@ def show_status(run_root: Path, as_json: bool) -> None:
     for row in rows:
         losses = "  ".join(f"{k}={v:.4g}" for k, v in sorted(row["metrics"].items()))
         print(f"{row['job_id']:>12}  {row['state']:<11} step {row['step'] if row['step'] is not None else '-':>6}  "
-              f"{row['name']}  {losses}")
+              f"{row['name']}  {losses}".rstrip())
+        if row["note"]:  # why it failed or stopped, under its row
+            print(f"{'':>12}  {row['note']}")
 
 
 def main(argv=None) -> int:
@@ -93,8 +95,14 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from gensuite.errors import Interrupted
+
     try:
         sys.exit(main())
+    except Interrupted as e:  # a stop signal, after the checkpoint at that step was written
+        print(f"{e}; run the same command to resume", file=sys.stderr)
+        sys.exit(e.exit_code)
     except GensuiteError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if str(e):  # empty: the ranks of a local run printed it
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -9,6 +9,13 @@ Guarantees the training loop relies on:
 Splitting: shards are split by node (rank) after a per-epoch shuffle; within a rank, DataLoader
 workers split the rank's sequence batch by batch (worker w decodes batches w, w+W, ...). Splitting
 shards by worker instead would make the order depend on the worker count and break exact resume.
+
+Damage: a tar that cannot be read, or holds another number of samples than its manifest says, and a
+sample that does not decode (a field missing or unreadable, an image of another shape than the
+manifest's) are one-line errors naming the shard and the sample. With ``on_bad_sample="skip"`` a bad
+sample is left out of its batch (which is then smaller) instead, and counted in the batch's
+``SKIPPED`` entry: batch positions stay where they were, so the stream is still a pure function of
+its arguments.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import io
 import itertools
 import json
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -27,7 +35,10 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from PIL import Image
 
-from gensuite.data.shards import read_manifest
+from gensuite.data.shards import read_manifest, rebuild_command
+from gensuite.errors import GensuiteError
+
+SKIPPED = "_skipped"  # on_bad_sample="skip": samples left out of a batch, an int64 scalar tensor in each batch
 
 
 @dataclass(frozen=True)
@@ -45,28 +56,117 @@ def _rng(*parts) -> random.Random:
     return random.Random("-".join(map(str, parts)))  # str seeds hash with sha512: stable everywhere
 
 
+def _reason(e: Exception) -> str:
+    """An exception as a short single line (without the BytesIO reprs PIL and webdataset append)."""
+    text = str(e.args[0]) if e.args else ""
+    text = re.sub(r" ?(@ )?<_io\.\w+ (object at 0x[0-9a-f]+|name=[^>]*)>", "", text.splitlines()[0] if text else "")
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def read_shards(shards: list[ShardInfo]) -> Iterator[dict]:
+    """Undecoded samples of ``shards``, one after the other. A tar that cannot be read (truncated,
+    damaged), or that holds another number of samples than its manifest entry, is a one-line error."""
+    for shard in shards:
+        count = 0
+        try:
+            for sample in wds.tarfile_to_samples()(iter([{"url": shard.path}])):
+                count += 1
+                yield sample
+        except Exception as e:  # anything the tar reader raises means the file is damaged
+            raise GensuiteError(f"{shard.path}: truncated or damaged tar, unreadable after {count} samples ({_reason(e)}); "
+                                f"rebuild with: {rebuild_command(Path(shard.path).parent)}") from None
+        if count != shard.samples:
+            raise GensuiteError(f"{shard.path}: holds {count} samples, manifest.json says {shard.samples}; "
+                                f"rebuild with: {rebuild_command(Path(shard.path).parent)}")
+
+
+class BadSample(ValueError):
+    """A sample field that does not decode; the message says which and why."""
+
+
+def _decoded(sample: dict, key: str, decode):
+    if key not in sample:
+        raise BadSample(f"no {key} field")
+    try:
+        return decode(sample[key])
+    except Exception as e:
+        raise BadSample(f"{key}: {_reason(e)}") from None
+
+
+def _npy(value: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.load(io.BytesIO(value)))
+
+
 def decode_sample(sample: dict, kind: str, channels: int, fields: set[str] | None = None) -> dict:
     """"x" and "y", plus the extra fields named in ``fields`` (None: all): <name>.npy -> tensor,
     <name>.png -> uint8 (3, H, W) tensor, <name>.json -> Python object. Skipped fields are never decoded,
-    so a consumer pays nothing for large extras it does not use (e.g. high-resolution images)."""
-    out = {"y": int(sample["cls"])} if "cls" in sample else {}
+    so a consumer pays nothing for large extras it does not use (e.g. high-resolution images). A field
+    that does not decode raises ``BadSample`` naming it."""
+    out = {"y": _decoded(sample, "cls", int)} if "cls" in sample else {}
     if kind == "image":
-        image = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("L" if channels == 1 else "RGB"))
+        image = _decoded(sample, "png", lambda v: np.asarray(
+            Image.open(io.BytesIO(v)).convert("L" if channels == 1 else "RGB")))
         out["x"] = torch.from_numpy(image.reshape(image.shape[0], image.shape[1], channels).transpose(2, 0, 1).copy())
     else:
-        out["x"] = torch.from_numpy(np.load(io.BytesIO(sample["npy"])))
-    for key, value in sample.items():
+        out["x"] = _decoded(sample, "npy", _npy)
+    for key in sample:
         name, _, ext = key.rpartition(".")
         if not name or (fields is not None and name not in fields):
             continue
         if ext == "npy":
-            out[name] = torch.from_numpy(np.load(io.BytesIO(value)))
+            out[name] = _decoded(sample, key, _npy)
         elif ext == "png":
-            image = np.asarray(Image.open(io.BytesIO(value)).convert("RGB"))
-            out[name] = torch.from_numpy(image.transpose(2, 0, 1).copy())
+            out[name] = _decoded(sample, key, lambda v: torch.from_numpy(
+                np.asarray(Image.open(io.BytesIO(v)).convert("RGB")).transpose(2, 0, 1).copy()))
         elif ext == "json":
-            out[name] = json.loads(value.decode("utf-8"))
+            out[name] = _decoded(sample, key, lambda v: json.loads(v.decode("utf-8")))
     return out
+
+
+def check_sample(sample: dict, kind: str, channels: int, shape: tuple[int, ...] | None = None,
+                 fields: set[str] | None = None) -> dict:
+    """``decode_sample`` for a set's samples: "cls" is required, and "x" must have the manifest's
+    ``shape`` (None: any) and, for points, float32; else ``BadSample``."""
+    if "cls" not in sample:
+        raise BadSample("no cls field")
+    out = decode_sample(sample, kind, channels, fields)
+    x = out["x"]
+    if shape is not None and tuple(x.shape) != tuple(shape):
+        raise BadSample(f"{'png' if kind == 'image' else 'npy'} has shape {'x'.join(map(str, x.shape))}, "
+                        f"the manifest says {'x'.join(map(str, shape))}")
+    if kind != "image" and x.dtype != torch.float32:
+        raise BadSample(f"npy holds {str(x.dtype).removeprefix('torch.')}, not float32")
+    return out
+
+
+def decode_batch(chunk: list[dict], kind: str, channels: int, shape: tuple[int, ...] | None = None,
+                 fields: set[str] | None = None, on_bad_sample: str = "error", skip_hint: bool = False) -> dict:
+    """The collated batch of the raw samples ``chunk``. A sample that does not decode is a one-line
+    error naming its shard and key, or, with ``on_bad_sample="skip"``, left out of the batch and
+    counted under ``SKIPPED`` (a batch with no good sample left is an error still). ``skip_hint``: the
+    error says the job may set ``data.on_bad_sample: skip``."""
+    decoded, bad = [], []
+    for sample in chunk:
+        try:
+            decoded.append(check_sample(sample, kind, channels, shape, fields))
+        except BadSample as e:
+            bad.append((sample, e))
+            if on_bad_sample != "skip":
+                break
+    if bad and (on_bad_sample != "skip" or not decoded):
+        sample, e = bad[0]
+        url = sample.get("__url__", "?")
+        what = f"sample {sample.get('__key__')} does not decode ({e})"
+        hint = " or set data.on_bad_sample: skip" if skip_hint else ""
+        if on_bad_sample == "skip":  # nothing left to skip to
+            hint = ""
+            what += (", and it is its batch's only sample" if len(chunk) == 1 else
+                     f", nor does any other of the {len(chunk)} samples in its batch")
+        raise GensuiteError(f"{url}: {what}; rebuild with: {rebuild_command(Path(url).parent)}{hint}")
+    batch = collate(decoded)
+    if on_bad_sample == "skip":
+        batch[SKIPPED] = torch.tensor(len(bad))
+    return batch
 
 
 def collate(samples: list[dict]) -> dict:
@@ -91,13 +191,25 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards: list[ShardInfo], kind: str, channels: int, batch_size: int,
                  batches_per_epoch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle_buffer: int = 1000, start_batch: int = 0, fields: set[str] | None = None):
+                 shuffle_buffer: int = 1000, start_batch: int = 0, fields: set[str] | None = None,
+                 shape: tuple[int, ...] | None = None, on_bad_sample: str = "error"):
         super().__init__()
         self.shards, self.kind, self.channels = shards, kind, channels
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.start_batch = shuffle_buffer, start_batch
         self.fields = None if fields is None else set(fields)  # extra fields to decode; None: all
+        self.shape = None if shape is None else tuple(shape)  # the manifest's sample shape (None: unchecked)
+        self.on_bad_sample = on_bad_sample  # "error" or "skip" (see decode_batch)
+
+    def read(self, shards: list[ShardInfo]) -> Iterator[dict]:
+        """Raw samples of ``shards`` in order (a tar that cannot be read is an error naming it)."""
+        return read_shards(shards)
+
+    def decode(self, chunk: list[dict]) -> dict:
+        """One micro-batch from its raw samples (see ``decode_batch``)."""
+        return decode_batch(chunk, self.kind, self.channels, self.shape, self.fields, self.on_bad_sample,
+                            skip_hint=True)
 
     def rank_shards(self, epoch: int) -> list[ShardInfo]:
         """This rank's shards for an epoch: a seeded shuffle shared by all ranks, then split by node."""
@@ -116,7 +228,7 @@ class ShardStream(IterableDataset):
             for cycle in itertools.count():
                 order = list(shards)
                 _rng(self.seed, "cycle", epoch, self.rank, cycle).shuffle(order)
-                samples = wds.tarfile_to_samples()(iter([{"url": s.path} for s in order]))
+                samples = self.read(order)
                 rng = _rng(self.seed, "buffer", epoch, self.rank, cycle)
                 yield from wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
 
@@ -136,9 +248,19 @@ class ShardStream(IterableDataset):
                 if not chunk:
                     break
                 if (index - self.start_batch) % workers == worker:
-                    yield collate([decode_sample(s, self.kind, self.channels, self.fields) for s in chunk])
+                    yield self.decode(chunk)
                 index += 1
             epoch, offset = epoch + 1, 0
+
+
+def worker_error_message(e: Exception) -> str:
+    """The one-line message of an error a DataLoader worker raised: torch raises it again in the main
+    process with the worker's traceback text as its message, whose last line is the original."""
+    lines = str(e).strip().splitlines()
+    if len(lines) < 2:
+        return str(e)
+    prefix = f"{type(e).__module__}.{type(e).__qualname__}: "
+    return lines[-1].removeprefix(prefix)
 
 
 def make_loader(stream: ShardStream, workers: int) -> DataLoader:
@@ -151,10 +273,9 @@ def read_split(shard_dir: str | Path, split: str, limit: int, fields: set[str] |
     """The first ``limit`` samples of a split in stored order, as one batch (reference images);
     ``fields``: the extra fields to decode (None: all)."""
     manifest = read_manifest(shard_dir)
-    shape = manifest["shape"]
-    shards = [{"url": s.path} for s in split_shards(manifest, shard_dir, split)]
-    raw = itertools.islice(wds.tarfile_to_samples()(iter(shards)), limit)
-    return collate([decode_sample(s, manifest["kind"], shape[0], fields) for s in raw])
+    shape = tuple(manifest["shape"])
+    raw = list(itertools.islice(read_shards(split_shards(manifest, shard_dir, split)), limit))
+    return decode_batch(raw, manifest["kind"], shape[0], shape, fields)
 
 
 def iterate_split(shard_dir: str | Path, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
@@ -167,13 +288,12 @@ def iterate_split(shard_dir: str | Path, split: str, batch_size: int, rank: int 
     can depend on the batch it is computed in), and only the float64 sums across ranks differ in order.
     ``fields``: the extra fields to decode (None: all)."""
     manifest = read_manifest(shard_dir)
-    shards = [{"url": s.path} for s in split_shards(manifest, shard_dir, split)]
-    raw = itertools.islice(wds.tarfile_to_samples()(iter(shards)), limit)
+    shape = tuple(manifest["shape"])
+    raw = itertools.islice(read_shards(split_shards(manifest, shard_dir, split)), limit)
     for j in itertools.count():
         chunk = list(itertools.islice(raw, batch_size))
         if not chunk:
             return
         if j % world_size == rank:  # the other ranks' batches are never decoded here
             start = j * batch_size
-            yield (torch.arange(start, start + len(chunk)),
-                   collate([decode_sample(s, manifest["kind"], manifest["shape"][0], fields) for s in chunk]))
+            yield torch.arange(start, start + len(chunk)), decode_batch(chunk, manifest["kind"], shape[0], shape, fields)

@@ -20,7 +20,9 @@ import json
 import math
 import os
 import re
+import stat
 import sys
+import time
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -109,16 +111,105 @@ def discarding_partial_shards(writers: dict, folder: Path):
         raise
 
 
-def verify(folder: Path, manifest: dict) -> str | None:
-    """None when every shard in the manifest is present with its checksum; else the first problem."""
+REQUIRED_FIELDS = ("dataset", "kind", "shape", "num_classes", "class_names", "splits")
+SPLIT_FIELDS = ("samples", "shards")
+SHARD_FIELDS = ("file", "samples", "sha256")
+VERIFIED_CACHE = Path(".stats") / "verified.json"  # in the shard folder: {file: {size, mtime_ns, sha256}}
+SETTLE_NS = 2_000_000_000  # a file modified this recently is hashed but not cached (see verify)
+
+
+def rebuild_command(shard_dir: str | Path) -> str:
+    """The command that (re)builds the set in ``shard_dir``, with ``--out`` unless its root is ``shards``."""
+    shard_dir = Path(shard_dir)
+    return build_command(shard_dir.name) + (f" --out {shard_dir.parent}" if str(shard_dir.parent) != "shards" else "")
+
+
+def manifest_problem(manifest, path: Path) -> str | None:
+    """None when the manifest has every field a run reads; else the first one missing, by its path."""
+    if not isinstance(manifest, dict):
+        return f"{path}: not a shard manifest (expected a JSON object)"
+    for key in REQUIRED_FIELDS:
+        if key not in manifest:
+            return f"{path}: no field {key!r}"
+    if not isinstance(manifest["splits"], dict) or not manifest["splits"]:
+        return f"{path}: field 'splits' lists no splits"
+    for name, split in manifest["splits"].items():
+        for key in SPLIT_FIELDS:
+            if not isinstance(split, dict) or key not in split:
+                return f"{path}: no field 'splits.{name}.{key}'"
+        if not isinstance(split["shards"], list):
+            return f"{path}: field 'splits.{name}.shards' is not a list"
+        for i, shard in enumerate(split["shards"]):
+            for key in SHARD_FIELDS:
+                if not isinstance(shard, dict) or key not in shard:
+                    return f"{path}: no field 'splits.{name}.shards[{i}].{key}'"
+    return None
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        cache = json.loads(path.read_text())
+        return cache["shards"] if cache.get("version") == 1 and isinstance(cache.get("shards"), dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}  # absent, unreadable or damaged: every shard is hashed again
+
+
+def _write_cache(path: Path, entries: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: ranks may verify at once
+    try:
+        path.parent.mkdir(exist_ok=True)
+        tmp.write_text(json.dumps({"version": 1, "shards": entries}, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    except OSError:  # a read-only shard folder: verified, just not remembered
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
+def verify(folder: Path, manifest: dict, trust_cache: bool = True) -> str | None:
+    """None when every shard in the manifest is present with its checksum; else the first problem.
+
+    Verified hashes are remembered in ``<folder>/.stats/verified.json`` under each file's size and
+    mtime_ns, so a later start hashes only new or changed files (``trust_cache=False`` hashes them
+    all, and refreshes the cache). A file modified within the last 2 s is not remembered: a write in
+    the same clock tick could change it and keep its size and mtime. A folder that cannot be written
+    is verified in full each time, silently."""
+    cache_path = Path(folder) / VERIFIED_CACHE
+    cache = _read_cache(cache_path)
+    entries = {}
     for split in manifest["splits"].values():
         for shard in split["shards"]:
-            path = folder / shard["file"]
-            if not path.is_file():
-                return f"{path} is missing"
+            path = Path(folder) / shard["file"]
+            try:
+                st = path.stat()
+            except OSError:
+                st = None
+            if st is None or not stat.S_ISREG(st.st_mode):
+                return f"{path} is missing (listed in manifest.json)"
+            entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": shard["sha256"]}
+            if trust_cache and cache.get(shard["file"]) == entry:
+                entries[shard["file"]] = entry
+                continue
             if sha256(path) != shard["sha256"]:
-                return f"{path} does not match its sha256"
+                return f"{path} does not match its sha256 in manifest.json (changed or damaged)"
+            now = path.stat()
+            if (now.st_size, now.st_mtime_ns) == (st.st_size, st.st_mtime_ns) and \
+                    time.time_ns() - st.st_mtime_ns > SETTLE_NS:
+                entries[shard["file"]] = entry
+    if entries != cache:
+        _write_cache(cache_path, entries)
     return None
+
+
+def open_shard_set(shard_dir: str | Path, trust_cache: bool = True) -> dict:
+    """The manifest of the shard set in ``shard_dir``, once it has every field a run reads and every
+    shard matches its sha256 (see ``verify``); else a one-line error naming the file and the rebuild
+    command. Runs call this before reading a shard."""
+    manifest = read_manifest(shard_dir)
+    problem = manifest_problem(manifest, Path(shard_dir) / "manifest.json") or \
+        verify(Path(shard_dir), manifest, trust_cache)
+    if problem:
+        raise GensuiteError(f"{problem}; rebuild with: {rebuild_command(shard_dir)}")
+    return manifest
 
 
 def build(dataset: str, src: str | None = None, out: str = "shards", shard_size: int | None = None,
@@ -140,17 +231,21 @@ def build(dataset: str, src: str | None = None, out: str = "shards", shard_size:
     folder = Path(out) / dataset
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
+        try:
+            old = read_manifest(folder)
+            problem = manifest_problem(old, manifest_path)
+        except GensuiteError as e:  # unreadable: rebuilt below
+            old, problem = None, str(e).split("; rebuild with")[0]
         # Manifests from before the generic options were built with their defaults.
-        if old.get("builder_version") == BUILDER_VERSION and {**GENERIC_PARAMS, **old.get("params", {})} == params:
-            problem = verify(folder, old)
-            if problem is None:
-                shards = sum(len(s["shards"]) for s in old["splits"].values())
-                print(f"{dataset}: {shards} shards verified, up to date ({folder})", file=sys.stderr)
-                return old
-            print(f"{dataset}: rebuilding: {problem}", file=sys.stderr)
-        else:
-            print(f"{dataset}: rebuilding: build options or builder version changed", file=sys.stderr)
+        if problem is None and (old.get("builder_version") != BUILDER_VERSION
+                                or {**GENERIC_PARAMS, **old.get("params", {})} != params):
+            problem = "build options or builder version changed"
+        problem = problem or verify(folder, old, trust_cache=False)
+        if problem is None:
+            shards = sum(len(s["shards"]) for s in old["splits"].values())
+            print(f"{dataset}: {shards} shards verified, up to date ({folder})", file=sys.stderr)
+            return old
+        print(f"{dataset}: rebuilding: {problem}", file=sys.stderr)
     folder.mkdir(parents=True, exist_ok=True)
     read = READERS[dataset]
     reader_params = {k: v for k, v in params.items() if k in info.params}
@@ -235,14 +330,12 @@ def build(dataset: str, src: str | None = None, out: str = "shards", shard_size:
 def read_manifest(shard_dir: str | Path) -> dict:
     path = Path(shard_dir) / "manifest.json"
     if not path.is_file():
-        name = Path(shard_dir).name
-        raise GensuiteError(f"{path}: shard set not found; build it with: {build_command(name)}"
-                            + (f" --out {Path(shard_dir).parent}" if str(Path(shard_dir).parent) != "shards" else ""))
+        raise GensuiteError(f"{path}: shard set not found; build it with: {rebuild_command(shard_dir)}")
     try:
         return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise GensuiteError(f"{path}: unreadable manifest ({e}); rebuild with: {build_command(Path(shard_dir).name)}") \
-            from None
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise GensuiteError(f"{path}: unreadable manifest ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                            f"rebuild with: {rebuild_command(shard_dir)}") from None
 
 
 def shard_paths(shard_dir: str | Path, split: str) -> list[str]:
@@ -310,11 +403,9 @@ def main(argv: list[str] | None = None) -> int:
         options = {k: getattr(args, k) for k in {**info.params, **GENERIC_PARAMS}
                    if getattr(args, k, None) is not None}
         if args.verify_only:
-            folder = Path(args.out) / args.dataset
-            problem = verify(folder, read_manifest(folder))
-            if problem:
-                raise GensuiteError(f"{problem}; rebuild with: {build_command(args.dataset)}")
-            print(f"{args.dataset}: all shards verified", file=sys.stderr)
+            manifest = open_shard_set(Path(args.out) / args.dataset, trust_cache=False)  # every file hashed
+            shards = sum(len(s["shards"]) for s in manifest["splits"].values())
+            print(f"{args.dataset}: all {shards} shards verified", file=sys.stderr)
             return 0
         build(args.dataset, args.src, args.out, args.shard_size, progress=not args.no_progress, **options)
     except GensuiteError as e:

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import sys
+import tempfile
+import zipfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -50,6 +53,7 @@ def weights_path(configured: str | None) -> Path:
         raise ConfigError("eval.inception_weights",
                           f"Inception weights not found at {path} ({origin}); copy torch-fidelity's {WEIGHTS_FILE} "
                           f"there, or point eval.inception_weights or ${WEIGHTS_ENV} at it")
+    check_weights(path)
     return path
 
 
@@ -58,7 +62,98 @@ def _needs_weights(cfg) -> str | None:
         weights_path(cfg.inception_weights)
     except ConfigError as e:
         return str(e).split(": ", 1)[1]
+    except GensuiteError as e:  # the file is there but is not the weights
+        return f"usable Inception weights: {e}"
     return None
+
+
+# -- reading a weights file -------------------------------------------------------------------------
+
+def _not_weights(path: Path, why: str) -> GensuiteError:
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    return GensuiteError(f"{path}: not torch-fidelity InceptionV3 weights ({why}); replace it with torch-fidelity's "
+                         f"{WEIGHTS_FILE} ({URL_INCEPTION_V3}), or point eval.inception_weights or ${WEIGHTS_ENV} "
+                         f"at a good copy")
+
+
+def _unloaded_inception() -> torch.nn.Module:
+    """torch-fidelity's InceptionV3 in its random initialisation (weights are loaded by the caller)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    class Unloaded(FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True):  # the file torch-fidelity reads: nothing to load
+            return None
+
+    with tempfile.TemporaryDirectory() as tmp:
+        empty = Path(tmp) / "empty.pth"
+        torch.save({}, empty)
+        return Unloaded("inception-v3-compat", list(LAYERS), feature_extractor_weights_path=str(empty))
+
+
+_SHAPES: dict[str, tuple[int, ...]] = {}
+OPTIONAL = "num_batches_tracked"  # BatchNorm counters: torch-fidelity's file has none, PyTorch fills them in
+
+
+def expected_shapes() -> dict[str, tuple[int, ...]]:
+    if not _SHAPES:
+        _SHAPES.update({k: tuple(v.shape) for k, v in _unloaded_inception().state_dict().items()})
+    return _SHAPES
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, checked against InceptionV3's names and shapes; a one-line error
+    naming the file otherwise. Loaded with ``weights_only`` (torch-fidelity itself unpickles anything)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is a bad file; say which kind
+        raise _not_weights(path, _unreadable_reason(path, e)) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise _not_weights(path, f"it holds a {type(state).__name__}, not a dict of tensors"
+                                 if not isinstance(state, dict) else "it holds values that are not tensors")
+    expected = expected_shapes()
+    needed = [k for k in expected if not k.endswith(OPTIONAL)]
+    missing = [k for k in needed if k not in state]
+    extra = [k for k in state if k not in expected]
+    if len(missing) == len(needed):
+        held = ", ".join(repr(k) for k in list(state)[:3]) + (", ..." if len(state) > 3 else "")
+        raise _not_weights(path, f"none of InceptionV3's {len(needed)} tensors; it holds {held or 'nothing'}")
+    if missing:
+        raise _not_weights(path, f"{len(missing)} of InceptionV3's {len(needed)} tensors missing, e.g. {missing[0]!r}")
+    if extra:
+        raise _not_weights(path, f"{extra[0]!r}, which InceptionV3 does not have"
+                                 + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    for key, value in state.items():
+        if tuple(value.shape) != expected[key]:
+            raise _not_weights(path, f"{key!r} has shape {tuple(value.shape)}, InceptionV3's is {expected[key]}")
+    return state
+
+
+def _unreadable_reason(path: Path, error: Exception) -> str:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return "an empty file"
+    torch_file = head == b"PK\x03\x04" or head.startswith(b"\x80\x02\x8a\x0a")  # zip, or the legacy format's magic
+    if not torch_file:
+        return "not a PyTorch file"
+    if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error):
+        return "it holds Python objects besides tensors"
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        return "a truncated PyTorch file"
+    return f"a damaged PyTorch file: {type(error).__name__}"
+
+
+_CHECKED: set[tuple[str, int, int]] = set()
+
+
+def check_weights(path: Path) -> None:
+    """``read_weights`` once per file version (the metric is resolved, described and run several times)."""
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _CHECKED:
+        read_weights(path)
+        _CHECKED.add(key)
 
 
 _EXTRACTORS: dict[tuple[str, float, str], torch.nn.Module] = {}
@@ -78,15 +173,10 @@ def file_digest(path: Path) -> str:
 
 def extractor(path: Path, device: torch.device) -> torch.nn.Module:
     """torch-fidelity's InceptionV3 with the given weights (loaded once per process and device)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
     key = (str(path), path.stat().st_mtime, str(device))
     if key not in _EXTRACTORS:
-        try:
-            net = FeatureExtractorInceptionV3("inception-v3-compat", list(LAYERS), feature_extractor_weights_path=str(path))
-        except (RuntimeError, KeyError, OSError, EOFError) as e:
-            raise GensuiteError(f"{path}: not torch-fidelity InceptionV3 weights ({str(e).splitlines()[0]}); "
-                                f"use {WEIGHTS_FILE}") from None
+        net = _unloaded_inception()
+        torch.nn.Module.load_state_dict(net, read_weights(path))  # strict: names and shapes were checked
         _EXTRACTORS[key] = net.to(device)
     return _EXTRACTORS[key]
 
@@ -96,21 +186,10 @@ def write_random_weights(path: str | Path, seed: int = 0) -> Path:
 
     Convolutions get He-normal init so activations keep their scale through the 94 layers: with
     PyTorch's default init the pool features are ~1e-8 and every distance and score degenerates."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class Unloaded(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True):  # keep the random init
-            return None
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    empty = path.with_suffix(".empty")
-    torch.save({}, empty)
     torch.manual_seed(seed)
-    try:
-        net = Unloaded("inception-v3-compat", list(LAYERS), feature_extractor_weights_path=str(empty))
-    finally:
-        empty.unlink()
+    net = _unloaded_inception()
     for module in net.modules():
         if isinstance(module, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
@@ -153,13 +232,8 @@ def shard_features(shard_dir: Path, split: str, limit: int | None, weights: Path
     """Pool features of a shard split's first ``limit`` samples, from the cache beside the shards when present."""
     from gensuite import checkpoint as ckpt
     from gensuite.data.pipeline import iterate_split
-    from gensuite.data.shards import read_manifest
 
-    manifest = read_manifest(shard_dir)
-    if split not in manifest["splits"]:
-        raise GensuiteError(f"{Path(shard_dir) / 'manifest.json'}: no split {split!r}; it has "
-                            f"{', '.join(manifest['splits'])}")
-    count = manifest["splits"][split]["samples"]
+    count = _split_samples(shard_dir, split)
     total = min(count, limit or count)
     path = stats_cache_path(shard_dir, split, total, weights)
     if path.is_file():
@@ -173,6 +247,16 @@ def shard_features(shard_dir: Path, split: str, limit: int | None, weights: Path
         except OSError as e:  # a read-only dataset folder: still correct, only slower next time
             print(f"[gensuite] warning: cannot cache real Inception features at {path}: {e}", file=sys.stderr)
     return table
+
+
+def _split_samples(shard_dir: Path, split: str) -> int:
+    from gensuite.data.shards import read_manifest
+
+    manifest = read_manifest(shard_dir)
+    if split not in manifest["splits"]:
+        raise GensuiteError(f"{Path(shard_dir) / 'manifest.json'}: no split {split!r}; it has "
+                            f"{', '.join(manifest['splits'])}")
+    return manifest["splits"][split]["samples"]
 
 
 def stats_cache_path(shard_dir: Path, split: str, samples: int, weights: Path) -> Path:
@@ -252,14 +336,37 @@ register_metric(Metric("inception", {"fid": False, "is": True, "kid": False, "pr
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
+def image_files(folder: Path) -> list[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise GensuiteError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+    return files
+
+
+def source_kind(source: str, split: str) -> str:
+    """``shards``, ``folder`` or ``run``: what an image source is, or a one-line error when it cannot
+    be used (no such path, no images, no such split, no checkpoint). Reads no images and no weights."""
+    from gensuite import checkpoint as ckpt
+
+    path = Path(source)
+    if (path / "manifest.json").is_file():
+        _split_samples(path, split)
+        return "shards"
+    if path.is_dir() and not ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()):
+        image_files(path)
+        return "folder"
+    if path.exists():
+        ckpt.resolve_checkpoint(path)
+        return "run"
+    raise GensuiteError(f"{source}: no such folder, shard set or run directory")
+
+
 def folder_batches(folder: Path, batch_size: int = 64):
     """(indices, [0,1] images) of every image file in a folder, sorted by name; batches never mix sizes."""
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise GensuiteError(f"{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in this folder")
+    files = image_files(folder)
     indices, images = [], []
     for i, path in enumerate(files):
         try:
@@ -278,34 +385,35 @@ def folder_batches(folder: Path, batch_size: int = 64):
 def source_features(source: str, weights: Path, device: torch.device, n: int, split: str, seed: int | None,
                     batch_size: int) -> tuple[dict[str, torch.Tensor], str]:
     """Feature tables of an image folder, a shard set (its ``split``) or a run (``n`` samples), and what it was."""
-    path = Path(source)
-    if (path / "manifest.json").is_file():
+    path, kind = Path(source), source_kind(source, split)
+    if kind == "shards":
         table = shard_features(path, split, n, weights, device, batch_size)
         return {"2048": table}, f"{len(table)} images of the {split} split of shard set {path}"
-    if path.is_dir() and not ((path / "checkpoints").is_dir() or (path / "config.yaml").is_file()):
-        total = sum(1 for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if kind == "folder":
+        total = len(image_files(path))
         tables = features_in_order(extractor(weights, device), folder_batches(path), total, device, lambda t: t)
         return tables, f"{total} images in folder {path}"
-    if path.exists():
-        from gensuite.config import EvalConfig
-        from gensuite.evaluation import EvalContext
-        from gensuite.sampling import load_run
+    # a run
+    from gensuite.config import EvalConfig
+    from gensuite.evaluation import EvalContext
+    from gensuite.sampling import load_run
 
-        run = load_run(path, device=str(device))
-        if run.family.data.kind != "image":
-            raise GensuiteError(f"{path}: a {run.job.family} run on {run.family.data.dataset} does not make images")
-        # the run's own eval seed and chunking unless told otherwise: the samples its logged values used
-        seed = run.job.eval.seed if seed is None else seed
-        ctx = EvalContext(run.family, run.networks, Path(run.job.data.root) / run.job.data.dataset,
-                          EvalConfig(n_samples=n, seed=seed, batch_size=run.job.eval.batch_size), device)
-        tables = features_in_order(extractor(weights, device), generated_batches(ctx), n, device, lambda t: t)
-        return tables, f"{n} samples (seed {seed}) of run {run.checkpoint} at step {run.step}"
-    raise GensuiteError(f"{source}: no such folder, shard set or run directory")
+    run = load_run(path, device=str(device))
+    if run.family.data.kind != "image":
+        raise GensuiteError(f"{path}: a {run.job.family} run on {run.family.data.dataset} does not make images")
+    # the run's own eval seed and chunking unless told otherwise: the samples its logged values used
+    seed = run.job.eval.seed if seed is None else seed
+    ctx = EvalContext(run.family, run.networks, Path(run.job.data.root) / run.job.data.dataset,
+                      EvalConfig(n_samples=n, seed=seed, batch_size=run.job.eval.batch_size), device)
+    tables = features_in_order(extractor(weights, device), generated_batches(ctx), n, device, lambda t: t)
+    return tables, f"{n} samples (seed {seed}) of run {run.checkpoint} at step {run.step}"
 
 
 def compare(a: str, b: str, weights: str | None = None, n: int = 10_000, split: str = "test", seed: int | None = None,
             batch_size: int = 256, device: str = "cpu") -> tuple[dict[str, float], list[str]]:
     """Inception metrics of A (the images judged) against B (the reference), and descriptions of both."""
+    for source in (a, b):  # a wrong path is named before the weights are looked for
+        source_kind(source, split)
     path = weights_path(weights)
     first, about_a = source_features(a, path, torch.device(device), n, split, seed, batch_size)
     second, about_b = source_features(b, path, torch.device(device), n, split, seed, batch_size)
