@@ -1,19 +1,32 @@
-"""Samples/s of the shard pipeline vs an in-memory tensor dataset, 32x32 images, 1 and 2 workers.
+"""Samples/s of the shard pipeline vs an in-memory tensor dataset, 32x32 images, 1 and 2 workers;
+and what the integrity checks cost.
 
 Shards: a CIFAR-sized synthetic RGB set (PNG-encoded, like every image shard) and the embedded
 digits. The in-memory baseline is a ``TensorDataset`` of the same decoded images behind a
 ``DataLoader`` with the same batch size and workers. Never asserted by tests.
 
-    python benchmarks/data_throughput.py [--batches 200] [--batch 128]
+Integrity, measured in the same run: steady-state samples/s of the stream as training reads it
+(every tar's sample count and every sample's fields and shape checked) against the stream without
+those checks (webdataset's reader and a plain decode, as before they existed), alternated over
+``--rounds`` rounds, best of each; and the start-up verification of a set against its manifest
+(``open_shard_set``) the first time (every shard hashed) and when cached (one stat per shard), for
+the synthetic set and the digits. The files are in the page cache: a cold disk adds its read time
+to the first verification only.
+
+    python benchmarks/data_throughput.py [--batches 200] [--batch 128] [--rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import itertools
+import json
+import os
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +37,55 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gensuite.data.pipeline import ShardInfo, ShardStream, make_loader  # noqa: E402
+from gensuite.data.pipeline import ShardInfo, ShardStream, collate, make_loader  # noqa: E402
+from gensuite.data.shards import VERIFIED_CACHE, build, open_shard_set, sha256  # noqa: E402
+
+
+class UncheckedStream(ShardStream):
+    """The stream without the read-time checks: webdataset's reader, and the decode of an RGB sample
+    as it was before them (no field, shape or sample-count checks)."""
+
+    def read(self, shards):
+        return wds.tarfile_to_samples()(iter([{"url": s.path} for s in shards]))
+
+    def decode(self, chunk):
+        return collate([self.plain_decode(s) for s in chunk])
+
+    @staticmethod
+    def plain_decode(sample: dict) -> dict:
+        out = {"y": int(sample["cls"])} if "cls" in sample else {}
+        image = np.asarray(Image.open(io.BytesIO(sample["png"])).convert("RGB"))
+        out["x"] = torch.from_numpy(image.transpose(2, 0, 1).copy())
+        for key in sample:  # extra fields: none in this set
+            name, _, ext = key.rpartition(".")
+        return out
+
+
+def write_manifest(folder: Path, shards: list[ShardInfo]) -> None:
+    """A manifest for the synthetic set, so ``open_shard_set`` can verify it."""
+    entries = [{"file": Path(s.path).name, "samples": s.samples, "sha256": sha256(Path(s.path))} for s in shards]
+    manifest = {"dataset": folder.name, "kind": "image", "shape": [3, 32, 32], "num_classes": 10,
+                "class_names": [str(i) for i in range(10)],
+                "splits": {"train": {"samples": sum(s.samples for s in shards), "shards": entries}}}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def verification_seconds(folder: Path, repeats: int = 3) -> tuple[float, float]:
+    """(first, cached) wall time of ``open_shard_set``, best of ``repeats``; files aged past the 2 s
+    in which verify declines to cache a just-written file, as for a set built earlier."""
+    old = time.time_ns() - 60 * 10**9
+    for path in folder.glob("*.tar"):
+        os.utime(path, ns=(old, old))
+    first, cached = [], []
+    for _ in range(repeats):
+        (folder / VERIFIED_CACHE).unlink(missing_ok=True)
+        t0 = time.perf_counter()
+        open_shard_set(folder)
+        first.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        open_shard_set(folder)
+        cached.append(time.perf_counter() - t0)
+    return min(first), min(cached)
 
 
 def write_rgb_shards(folder: Path, samples: int, per_shard: int) -> list[ShardInfo]:
@@ -64,9 +125,12 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--samples", type=int, default=10000)
+    parser.add_argument("--rounds", type=int, default=5, help="alternations of checked and unchecked streams")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        shards = write_rgb_shards(Path(tmp), args.samples, 2500)
+        folder = Path(tmp) / "rgb32"
+        folder.mkdir()
+        shards = write_rgb_shards(folder, args.samples, 2500)
         per_epoch = args.samples // args.batch
         images = next(iter(make_loader(ShardStream(shards, "image", 3, args.samples, 1, shuffle_buffer=1), 0)))
         memory = TensorDataset(images["x"], images["y"])
@@ -79,6 +143,46 @@ def main() -> None:
             mem_rate = rate(endless(mem_loader), args.batches, args.batch)
             print(f"workers={workers}: shards {shard_rate:9.0f} samples/s   in-memory {mem_rate:9.0f} samples/s   "
                   f"ratio {shard_rate / mem_rate:.2f}")
+
+        print(f"\nintegrity checks at read time (best of {args.rounds} alternated rounds)")
+        checked_stream = ShardStream(shards, "image", 3, args.batch, per_epoch, shape=(3, 32, 32))
+        unchecked_stream = UncheckedStream(shards, "image", 3, args.batch, per_epoch)
+        chunk = list(itertools.islice(checked_stream.read(shards[:1]), args.batch))
+        per_sample = {"checked": [], "unchecked": []}  # (read, decode) seconds per sample
+        for _ in range(4 * args.rounds):  # the checks' own cost, in this process: no worker or I/O noise
+            for name, stream in (("checked", checked_stream), ("unchecked", unchecked_stream)):
+                read = min(timeit.repeat(lambda: sum(1 for _ in stream.read(shards[:1])), number=1, repeat=2))
+                decode = min(timeit.repeat(lambda: stream.decode(chunk), number=1, repeat=3))
+                per_sample[name].append((read / shards[0].samples, decode / args.batch))
+        (read_c, decode_c), (read_u, decode_u) = (
+            [min(t[i] for t in per_sample[name]) for i in (0, 1)] for name in ("checked", "unchecked"))
+        ratio = (read_c + decode_c) / (read_u + decode_u)
+        print(f"per sample, in one process (best of {4 * args.rounds}): read {1e6 * read_c:.2f} us checked vs "
+              f"{1e6 * read_u:.2f} us unchecked, decode {1e6 * decode_c:.2f} us vs {1e6 * decode_u:.2f} us; "
+              f"time ratio {ratio:.4f} (cost {100 * (ratio - 1):+.2f}%)")
+        steady = {}
+        for workers in (0, 1):
+            rates = {"checked": [], "unchecked": []}
+            for _ in range(args.rounds):
+                for name, cls in (("checked", ShardStream), ("unchecked", UncheckedStream)):
+                    stream = cls(shards, "image", 3, args.batch, per_epoch, shuffle_buffer=1000, shape=(3, 32, 32))
+                    rates[name].append(rate(make_loader(stream, workers), args.batches, args.batch))
+            checked, unchecked = max(rates["checked"]), max(rates["unchecked"])
+            steady[workers] = checked
+            print(f"workers={workers}: checked {checked:9.0f} samples/s   unchecked {unchecked:9.0f} samples/s   "
+                  f"ratio {checked / unchecked:.3f} (cost {100 * (1 - checked / unchecked):+.1f}%)")
+
+        write_manifest(folder, shards)
+        digits = Path(tmp) / "digits-root"
+        build("digits", None, str(digits), progress=False)
+        size = sum(p.stat().st_size for p in folder.glob("*.tar")) / 2**20
+        print("\nstart-up verification against manifest.json (open_shard_set), best of 3")
+        for name, path in ((f"{folder.name} ({args.samples} samples, {size:.0f} MiB)", folder),
+                           ("digits (1797 samples, 32 px)", digits / "digits")):
+            first, cached = verification_seconds(path)
+            print(f"{name}: first {first:.4f} s (hashes every shard)   cached {cached:.5f} s   "
+                  f"ratio {first / cached:.0f}x   first = {first * steady[0]:.0f} samples of loading at "
+                  f"{steady[0]:.0f} samples/s (workers=0)")
 
 
 if __name__ == "__main__":

@@ -294,20 +294,30 @@ def run_ranks(nproc: int, args: list[str]) -> int:
     and the ranks report in one line; this returns 128 + the signal instead of torchrun's traceback.
     Ranks that all refused bad input (exit code 2, their line already printed) return 2 the same way.
     """
+    import logging
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import main as torchrun
 
+    # The agent logs each rank it shuts down; the ranks have said why already. Unexpected failures
+    # still end in torchrun's table below.
+    elastic = logging.getLogger("torch.distributed.elastic")
+    level = elastic.level
+    elastic.setLevel(logging.CRITICAL)
     try:
         torchrun(["--standalone", f"--nproc_per_node={nproc}", *args])
     except SignalException as e:
         return 128 + int(e.sigval)
     except ChildFailedError as e:
         codes = {failure.exitcode for failure in e.failures.values()}
-        expected = {2} | {128 + s for s in StopRequest.SIGNALS}
-        if codes <= expected:
-            return max(codes)
+        expected = codes & ({2} | {128 + s for s in StopRequest.SIGNALS})
+        # The agent stops the other ranks once one has ended: those show as killed (negative codes).
+        if expected and all(c in expected or c < 0 for c in codes):
+            return max(expected)
         raise
+    finally:
+        elastic.setLevel(level)
     return 0
 
 

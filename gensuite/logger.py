@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -269,12 +270,24 @@ class RunLogger:
             write_progress_gifs(self.samples_dir, self.run_dir)
         return metrics
 
+    @contextlib.contextmanager
     def _events(self):
         """A full disk while TensorBoard writes (in its own thread: the error surfaces at the writer's
         next call) becomes one line naming the event file. The file is kept: it holds the earlier
         events, and TensorBoard reads a file up to an incomplete last record."""
+        try:
+            yield
+        except OSError:
+            with writing(self._event_file(), self.run_dir, remove_partial=False):
+                raise
+
+    def _event_file(self) -> Path:
         event_writer = getattr(getattr(self.writer, "file_writer", None), "event_writer", None)
-        return writing(Path(getattr(event_writer, "_file_name", self.tb_dir)), self.run_dir, remove_partial=False)
+        path = getattr(event_writer, "_file_name", None)
+        if path is None:  # failed while the writer was being made: the file this process opened
+            mine = sorted(self.tb_dir.glob(f"events.out.tfevents.*.{os.getpid()}.*"))
+            path = mine[-1] if mine else self.tb_dir
+        return Path(path)
 
     def close(self) -> None:
         if self.bar is not None:

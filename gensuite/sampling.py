@@ -33,19 +33,20 @@ def data_spec_from_state(state: dict) -> DataSpec:
 
 def load_run(source: str | Path, device: str = "cpu") -> TrainedRun:
     """A run directory (its latest checkpoint) or a checkpoint file -> family and networks."""
-    path = ckpt.resolve_checkpoint(source)
-    state = ckpt.load_checkpoint(path)
+    path, state = ckpt.load_source(source)  # a damaged newest checkpoint: the newest that loads, with a warning
     job = job_from_dict(state["config"])
     family = get_family(job.family)(job.model, data_spec_from_state(state))
     family.load_state_dict(state.get("family", {}))  # e.g. the held-out captions a text run samples for
     modules = family.build_networks()
     ema = {}
     for name, module in modules.items():
+        ckpt.check_fits(module, state["networks"].get(name, {}), str(path), name)
         module.load_state_dict(state["networks"][name])
         module.to(device).eval()
         weights = ckpt.ema_weights(state, name)
         if weights is not None:
             copy = family.build_networks()[name]
+            ckpt.check_fits(copy, weights, str(path), f"EMA {name}")
             copy.load_state_dict(weights)
             ema[name] = copy.to(device).eval()
     return TrainedRun(job, family, Networks(modules, ema), state["step"], path)

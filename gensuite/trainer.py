@@ -24,7 +24,7 @@ from gensuite import checkpoint as ckpt
 from gensuite import evaluation
 from gensuite.config import JobConfig, OptimizerSpec, dump_yaml
 from gensuite.data.pipeline import SKIPPED, ShardStream, make_loader, read_split, split_shards, worker_error_message
-from gensuite.data.shards import data_spec, open_shard_set, read_manifest
+from gensuite.data.shards import data_spec, open_shard_set
 from gensuite.distributed import (Runtime, StopRequest, deepspeed_config, deepspeed_engine, node_name, rng_state,
                                   seed_everything, set_rng_state)
 from gensuite.errors import ConfigError, DiskFull, GensuiteError, Interrupted, AlreadyReported, TrainingDiverged
@@ -108,8 +108,9 @@ class JobPlan:
 def _close(name: str, options: list[str]) -> str:
     import difflib
 
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f" (did you mean {match[0]}?)" if match else ""
+    lower = {o.lower(): o for o in options}  # players and networks are short upper-case names: G, D
+    match = difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=0.5)
+    return f" (did you mean {lower[match[0]]}?)" if match else ""
 
 
 def build_optimizer(params: list[nn.Parameter], spec: OptimizerSpec) -> torch.optim.Optimizer:
@@ -341,6 +342,7 @@ class Trainer:
         job, log = self.job, self.logger
         with self.rank0_writes():
             log.start(self, resumed=self.step > 0)
+        self._stopping()  # e.g. no room for the event file
         log.info(f"{self.rt.describe()}: {job.family}/{job.flavor} on {self.spec.dataset}, steps "
                  f"{self.step}->{self.total_steps}, global batch {self.plan.global_batch} = {self.rt.world_size} "
                  f"ranks x {self.plan.accumulation} x {self.plan.micro}")

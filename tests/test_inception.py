@@ -227,7 +227,7 @@ def test_fid_command_line(gan_run, weights, tmp_path):
 
     out = json.loads(result.stdout)
     assert abs(out["values"]["fid"]) < 1e-3 and "is" not in out["values"]
-    result = subprocess.run([sys.executable, "-m", "gensuite", "fid", str(shard_dir), str(tmp_path), "--weights",
+    result = subprocess.run([sys.executable, "-m", "gensuite", "fid", str(shard_dir), str(shard_dir), "--weights",
                              str(tmp_path / "missing.pth")], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert f"Inception weights not found at {tmp_path / 'missing.pth'}" in result.stderr

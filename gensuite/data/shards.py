@@ -22,6 +22,7 @@ import os
 import re
 import stat
 import sys
+import tempfile
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -155,14 +156,18 @@ def _read_cache(path: Path) -> dict:
 
 
 def _write_cache(path: Path, entries: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per process: ranks may verify at once
+    tmp = None
     try:
         path.parent.mkdir(exist_ok=True)
-        tmp.write_text(json.dumps({"version": 1, "shards": entries}, indent=1, sort_keys=True))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # ranks may verify at once
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o644)  # readable by whoever shares the shards, as the shards are
+            json.dump({"version": 1, "shards": entries}, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
     except OSError:  # a read-only shard folder: verified, just not remembered
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def verify(folder: Path, manifest: dict, trust_cache: bool = True) -> str | None:

@@ -108,9 +108,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read is a bad file; say which kind
         raise _not_weights(path, _unreadable_reason(path, e)) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise _not_weights(path, f"it holds a {type(state).__name__}, not a dict of tensors"
-                                 if not isinstance(state, dict) else "it holds values that are not tensors")
+    if not isinstance(state, dict):
+        raise _not_weights(path, f"it holds a {type(state).__name__}, not a dict of tensors")
     expected = expected_shapes()
     needed = [k for k in expected if not k.endswith(OPTIONAL)]
     missing = [k for k in needed if k not in state]
@@ -124,6 +123,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         raise _not_weights(path, f"{extra[0]!r}, which InceptionV3 does not have"
                                  + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
     for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise _not_weights(path, f"{key!r} is not a tensor ({type(value).__name__})")
         if tuple(value.shape) != expected[key]:
             raise _not_weights(path, f"{key!r} has shape {tuple(value.shape)}, InceptionV3's is {expected[key]}")
     return state
@@ -141,7 +142,7 @@ def _unreadable_reason(path: Path, error: Exception) -> str:
         return "it holds Python objects besides tensors"
     if head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
         return "a truncated PyTorch file"
-    return f"a damaged PyTorch file: {type(error).__name__}"
+    return "a truncated or damaged PyTorch file"
 
 
 _CHECKED: set[tuple[str, int, int]] = set()
