@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check job files without running them")
     p.add_argument("jobs", nargs="+", metavar="JOB")
-    p.add_argument("--data", action="store_true", help="also require each job's shard set to exist")
+    p.add_argument("--data", action="store_true",
+                   help="also require each job's shard set and verify every shard against its sha256")
     _job_args(p)
     p.set_defaults(func=cmd_validate)
 

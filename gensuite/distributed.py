@@ -7,6 +7,7 @@ families never import this module.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import random
@@ -37,6 +38,8 @@ class Runtime:
             raise GensuiteError("train.precision: fp16 needs a GPU; use bf16 or no on CPU")
         self.accelerator = Accelerator(mixed_precision=precision, cpu=cpu)
         self.precision = precision
+        if self.world_size > 1:
+            atexit.register(_leave_process_group)  # a repeat (several runs in one process) finds no group
 
     # -- topology ---------------------------------------------------------------------------
     @property
@@ -134,6 +137,15 @@ class Runtime:
 
     def close(self) -> None:
         self.accelerator.end_training()
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group before the interpreter exits. Left to C++ static destruction, a
+    gloo rank that exits while its peers still close their connections can abort ("terminate called
+    without an active exception", SIGABRT) after the run finished."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        with contextlib.suppress(Exception):
+            torch.distributed.destroy_process_group()
 
 
 # -- DeepSpeed ------------------------------------------------------------------------------------

@@ -138,7 +138,7 @@ def test_timeout_checkpoints_requeues_and_finishes(cluster, shard_root, tmp_path
     logs = task_logs(record)
     resumes = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", logs)]
     assert len(resumes) >= 1, logs[-3000:]
-    assert "finished at step 5000" in logs
+    assert "finished at step 5000" in logs and "Traceback" not in logs  # requeues are expected stops
     assert ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "run"))["step"] == 5000
     # Each stop checkpoints exactly where it stopped: no logged step is missing or repeated.
     assert scalar_steps(tmp_path / "run", "G/loss") == list(range(25, 5001, 25))
@@ -192,7 +192,9 @@ def test_max_requeues_is_honoured(cluster, shard_root, tmp_path):
     assert r.returncode == 0, r.stderr
     record = wait_for(cluster, tmp_path / "run", 300)
     logs = task_logs(record)
-    assert "timed-out too many times" in logs
+    assert "timed-out too many times" in logs and "Traceback" not in logs
+    assert "error: Job not requeued because: timed-out too many times. (the last checkpoint is kept: submit the " \
+           "job again to continue)" in logs
     assert logs.count("steps 0->5000") == 1 and "resumed from" not in logs  # started once, never requeued
     stopped = int(re.search(r"stopping after step (\d+)", logs)[1])
     assert 0 < stopped < 5000
@@ -201,6 +203,35 @@ def test_max_requeues_is_honoured(cluster, shard_root, tmp_path):
     # The warning may come during start-up (SLURM sends it up to a minute early): then it is
     # replayed and the loop stops after step 1, before anything is logged.
     assert rows[0]["state"] == "FAILED" and rows[0]["step"] == (stopped // 25 * 25 or None)
+
+
+def test_scancel_checkpoints_both_ranks_without_a_traceback(cluster, shard_root, tmp_path):
+    # scancel sends SIGTERM to every task: each rank stops after the same step, rank 0 writes the
+    # checkpoint and says so in one line; neither .err log holds a traceback; --status says STOPPED.
+    job = long_job(tmp_path / "cancel.yaml", shard_root, timeout_min=10, nodes=2, tasks_per_node=1)
+    r = submit(cluster, job, "--run-dir", tmp_path / "run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    record = json.loads((tmp_path / "run" / "submission.json").read_text())
+    job_id = record["tasks"][0]["job_id"]
+    err = Path(record["tasks"][0]["stderr"])
+    deadline = time.time() + 180
+    while time.time() < deadline and not (err.is_file() and "steps 0->5000" in err.read_text()):
+        time.sleep(1)
+    time.sleep(5)  # some steps in
+    subprocess.run(["scancel", job_id], env=cluster.env, check=True)
+    wait_for(cluster, tmp_path / "run", 120)
+    logs = [(Path(record["log_folder"]) / f"{job_id}_{rank}_log.err").read_text() for rank in (0, 1)]
+    assert not any("Traceback" in log for log in logs), logs[0][-3000:] + logs[1][-3000:]
+    stops = re.findall(r"^stopped by SIGTERM at step (\d+); checkpoint (\S+); submit the job again to resume$",
+                       logs[0], re.M)
+    assert len(stops) == 1 and "stopped by" not in logs[1], logs[0][-3000:]
+    step, path = int(stops[0][0]), stops[0][1]
+    assert f"rank 1/2] signal received; stopping after step {step} " in logs[1]
+    assert 0 < step < 5000 and path == str(ckpt.checkpoint_path(tmp_path / "run", step))
+    state = ckpt.load_checkpoint(path)
+    assert state["step"] == step and state["data"]["world_size"] == 2
+    rows = json.loads(submit(cluster, "--status", tmp_path / "run", "--json", cwd=tmp_path).stdout)
+    assert rows[0]["state"] == "STOPPED" and rows[0]["note"].startswith(f"stopped by SIGTERM at step {step}")
 
 
 def test_dry_run_prints_sbatch_lines_and_refuses_injection(shard_root, tmp_path):
