@@ -46,6 +46,22 @@ class DataSpec:
     # How the text fields were embedded: {"name": "char_cnn_rnn"|"hashing"|"sentence", ...options}; {} if none.
     text_encoder: Mapping[str, Any] = field(default_factory=dict)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (what checkpoints store, so a run samples without its shards)."""
+        return {"dataset": self.dataset, "kind": self.kind, "shape": list(self.shape),
+                "num_classes": self.num_classes, "class_names": list(self.class_names),
+                "samples": dict(self.samples), "fields": {k: dict(v) for k, v in self.fields.items()},
+                "text_encoder": dict(self.text_encoder)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DataSpec:
+        """From ``to_dict``'s output, a shard manifest's fields, or an older checkpoint's (optional keys
+        default)."""
+        return cls(dataset=d["dataset"], kind=d["kind"], shape=tuple(d["shape"]),
+                   num_classes=d.get("num_classes", 0), class_names=tuple(d.get("class_names", ())),
+                   samples=dict(d.get("samples", {})), fields=dict(d.get("fields", {})),
+                   text_encoder=dict(d.get("text_encoder", {})))
+
     @property
     def channels(self) -> int:
         return self.shape[0] if self.kind == "image" else 1

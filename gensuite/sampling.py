@@ -26,9 +26,7 @@ def data_spec_from_state(state: dict) -> DataSpec:
     spec = state.get("data_spec")
     if spec is None:
         raise GensuiteError("checkpoint predates stored data specs; retrain or resume it once with this version")
-    return DataSpec(spec["dataset"], spec["kind"], tuple(spec["shape"]), spec["num_classes"],
-                    tuple(spec["class_names"]), dict(spec["samples"]), spec.get("fields", {}),
-                    spec.get("text_encoder", {}))
+    return DataSpec.from_dict(spec)
 
 
 def load_run(source: str | Path, device: str = "cpu") -> TrainedRun:

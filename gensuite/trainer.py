@@ -545,10 +545,7 @@ class Trainer:
             "scaler": scaler.state_dict() if scaler is not None else {},
             "family": self.family.state_dict(),
             # Enough to rebuild the networks and sample without the shards (gensuite sample).
-            "data_spec": {"dataset": self.spec.dataset, "kind": self.spec.kind, "shape": list(self.spec.shape),
-                          "num_classes": self.spec.num_classes, "class_names": list(self.spec.class_names),
-                          "samples": dict(self.spec.samples), "fields": dict(self.spec.fields),
-                          "text_encoder": dict(self.spec.text_encoder)},
+            "data_spec": self.spec.to_dict(),
             "data": {"micro_batches": self.consumed, "world_size": self.rt.world_size,
                      "epoch": self.consumed // (self.batches_per_epoch * self.plan.accumulation)},
             "rng": rng_states,

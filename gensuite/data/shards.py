@@ -354,10 +354,7 @@ def shard_paths(shard_dir: str | Path, split: str) -> list[str]:
 def data_spec(manifest: dict):
     from gensuite.registry import DataSpec
 
-    return DataSpec(dataset=manifest["dataset"], kind=manifest["kind"], shape=tuple(manifest["shape"]),
-                    num_classes=manifest["num_classes"], class_names=tuple(manifest["class_names"]),
-                    samples={k: v["samples"] for k, v in manifest["splits"].items()},
-                    fields=manifest.get("fields", {}), text_encoder=manifest.get("text_encoder", {}))
+    return DataSpec.from_dict({**manifest, "samples": {k: v["samples"] for k, v in manifest["splits"].items()}})
 
 
 def static_data_spec(dataset: str, **params):
