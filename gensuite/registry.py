@@ -123,7 +123,14 @@ class Family(Protocol):
     debug_dataset: ClassVar[str]  # the embedded shard set its debug flavor is tested on
     held_out_conditions: ClassVar[int]  # eval-split samples handed to set_conditions; 0: none
 
+    cfg: Any  # the job's model section, as config_class
+    data: DataSpec
+
     def __init__(self, cfg: Any, data: DataSpec) -> None: ...
+
+    @property
+    def conditional(self) -> bool:
+        """Samples are drawn for given class labels (``fixed_inputs`` puts them under "y")."""
 
     def build_networks(self) -> dict[str, nn.Module]:
         """Fresh networks, initialised from the current torch RNG."""
@@ -157,6 +164,40 @@ class Family(Protocol):
         """Extra training state to checkpoint (e.g. an EBM replay buffer); tensors and plain data."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# -- declared abilities: optional parts of the contract, tested with isinstance ------------------
+
+
+@runtime_checkable
+class Classifies(Protocol):
+    """Predicts class logits; its penultimate features judge other runs (classification metric,
+    classifier FID, conditional accuracy)."""
+
+    def predict(self, nets: Networks, x: torch.Tensor) -> torch.Tensor:
+        """(N, classes) logits."""
+
+    def features(self, nets: Networks, x: torch.Tensor) -> torch.Tensor:
+        """(N, F) features the logits are computed from."""
+
+
+@runtime_checkable
+class HasLikelihood(Protocol):
+    """log p(x) in nats per sample, exact or as named bounds (the likelihood metric logs each, and
+    each in bits/dim as ``<name>_bpd``): a flow's exact log-likelihood, a VAE's ELBO and IWAE, a
+    diffusion model's variational bound."""
+
+    likelihood_values: ClassVar[tuple[str, ...]]  # e.g. ("elbo", "iwae"); higher is better
+
+    def log_likelihood(self, nets: Networks, batch: Batch, k: int, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample values (N,) in nats. Any noise for sample i comes from ``per_sample_normal``
+        with ``seeds[i]``, so a value depends neither on its batch nor on the rank computing it;
+        ``k``: importance samples (or Monte-Carlo draws) per data point where the bound takes them."""
+
+
+def per_sample_normal(seeds: torch.Tensor, *shape: int) -> torch.Tensor:
+    """(len(seeds), *shape) standard normals, row i from its own generator seeded with seeds[i]."""
+    return torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
 class GenerativeFamily:

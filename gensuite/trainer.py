@@ -493,7 +493,7 @@ class Trainer:
                                     "\n\n".join(m.describe(ctx) for m in self.metrics) if first else None)
         name = self.job.eval.best
         if name is not None:
-            better = evaluation.higher_is_better(self.metrics, name)
+            better = evaluation.higher_is_better(self.metrics, self.family, name)
             old = self.best.get("value")
             if old is None or (values[name] > old if better else values[name] < old):
                 self.best = {"value": values[name], "step": self.step}

@@ -149,7 +149,7 @@ def test_run_report_has_curves_animations_tables_and_exact_numbers(vae_run, caps
 
     hparams = {row["key"]: row["value"] for row in md_table(text, "key")}
     assert hparams["model.latent_dim"] == "2" and hparams["train.batch_size"] == "16"
-    assert "likelihood: ELBO and IWAE" in text  # the eval protocol text
+    assert "likelihood: elbo, iwae (k=" in text  # the eval protocol text
 
 
 def test_classifier_report_shows_confusion_matrices_and_split_curves(clf_run, tmp_path, capsys):

@@ -37,11 +37,15 @@ class EvalContext:
 @dataclass(frozen=True)
 class Metric:
     name: str
-    values: dict[str, bool]  # value name -> higher is better
+    # value name -> higher is better; or a function of the family (a likelihood's named bounds)
+    values: dict[str, bool] | Callable[[Family], dict[str, bool]]
     applies: Callable[[Family], bool]  # the family can be measured this way
     compute: Callable[[EvalContext], dict[str, Any]]  # the values (floats) and any figures
     describe: Callable[[EvalContext], str]  # the protocol, logged with the values
     needs: Callable[[EvalConfig], str | None] = lambda cfg: None  # what the config lacks, or None
+
+    def values_for(self, family: Family) -> dict[str, bool]:
+        return self.values(family) if callable(self.values) else self.values
 
 
 METRICS: dict[str, Metric] = {}
@@ -74,7 +78,7 @@ def resolve(cfg: EvalConfig, family: Family) -> list[Metric]:
                 raise ConfigError(f"eval.metrics[{i}]", f"{name} needs {missing}")
             chosen.append(METRICS[name])
     if cfg.best is not None:
-        produced = {v for m in chosen for v in m.values}
+        produced = {v for m in chosen for v in m.values_for(family)}
         if cfg.best not in produced:
             raise ConfigError("eval.best", f"{cfg.best!r} is not computed by this job's metrics; choose one of "
                                            f"{', '.join(sorted(produced)) or '(none)'}")
@@ -89,8 +93,8 @@ def skipped(cfg: EvalConfig, family: Family) -> list[str]:
     return [f"{m.name}: needs {m.needs(cfg)}" for m in METRICS.values() if m.applies(family) and m.needs(cfg)]
 
 
-def higher_is_better(metrics: list[Metric], value: str) -> bool:
-    return next(m.values[value] for m in metrics if value in m.values)
+def higher_is_better(metrics: list[Metric], family: Family, value: str) -> bool:
+    return next(m.values_for(family)[value] for m in metrics if value in m.values_for(family))
 
 
 def evaluate(metrics: list[Metric], ctx: EvalContext) -> dict[str, Any]:

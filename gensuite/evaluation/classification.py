@@ -16,6 +16,7 @@ from gensuite.data.pipeline import iterate_split
 from gensuite.data.shards import build_command, read_manifest
 from gensuite.errors import ConfigError, GensuiteError
 from gensuite.evaluation import EvalContext, Metric, register_metric
+from gensuite.registry import Classifies
 
 SPLITS = ("train", "validation", "test")
 VALUES = {"accuracy": True, "nll": False, "train_accuracy": True, "train_nll": False,
@@ -114,4 +115,4 @@ def describe(ctx: EvalContext) -> str:
 
 
 register_metric(Metric("classification", VALUES,
-                       applies=lambda family: hasattr(family, "predict"), compute=compute, describe=describe))
+                       applies=lambda family: isinstance(family, Classifies), compute=compute, describe=describe))

@@ -19,6 +19,7 @@ from gensuite.data.pipeline import iterate_split
 from gensuite.errors import ConfigError
 from gensuite.evaluation import EvalContext, Metric, register_metric
 from gensuite.evaluation.classification import confusion_figure
+from gensuite.registry import Classifies
 
 _JUDGES: dict[tuple[str, str], object] = {}
 
@@ -32,7 +33,7 @@ def judge(ctx: EvalContext):
     key = (str(path), str(ctx.device))
     if key not in _JUDGES:
         run = load_run(path, device=str(ctx.device))
-        if run.job.family != "classifier":
+        if not isinstance(run.family, Classifies):
             raise ConfigError("eval.classifier", f"{path} is a {run.job.family} run; name a classifier job's run")
         if tuple(run.family.data.shape) != tuple(ctx.family.data.shape) or \
                 run.family.data.num_classes != ctx.family.data.num_classes:

@@ -1,4 +1,5 @@
-"""Likelihood bounds on held-out data: the ELBO and the k-sample importance-weighted bound."""
+"""Log-likelihood on held-out data, for every family that declares it (``registry.HasLikelihood``):
+exact values or named bounds in nats per sample, and each in bits/dim."""
 
 from __future__ import annotations
 
@@ -8,39 +9,40 @@ import torch
 
 from gensuite.data.pipeline import iterate_split
 from gensuite.evaluation import EvalContext, Metric, register_metric
-
-
-def _noise(indices: torch.Tensor, k: int, dim: int, seed: int) -> torch.Tensor:
-    """(k, B, dim) standard normals, each sample's from its own seed: independent of rank and batch."""
-    return torch.stack([torch.randn(k, dim, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
-                        for i in indices], dim=1)
+from gensuite.registry import HasLikelihood
 
 
 @torch.no_grad()
 def compute(ctx: EvalContext) -> dict[str, float]:
     cfg, family = ctx.cfg, ctx.family
-    latent = family.cfg.latent_dim
-    sums = torch.zeros(3, dtype=torch.float64)  # elbo, iwae, samples
+    names = family.likelihood_values
+    sums = torch.zeros(len(names) + 1, dtype=torch.float64)  # each value, samples
     for indices, batch in iterate_split(ctx.shard_dir, cfg.split, cfg.batch_size, ctx.rank, ctx.world_size,
                                         cfg.max_samples):
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
-        eps = _noise(indices, cfg.importance_samples, latent, cfg.seed)
-        bounds = family.log_likelihood_bounds(ctx.nets, batch, cfg.importance_samples, eps=eps)
-        sums += torch.stack([bounds["elbo"].double().sum().cpu(), bounds["iwae"].double().sum().cpu(),
+        seeds = cfg.seed * 1_000_003 + indices  # each sample's noise: the same on any rank, in any batch
+        values = family.log_likelihood(ctx.nets, batch, cfg.importance_samples, seeds)
+        sums += torch.stack([*(values[n].double().sum().cpu() for n in names),
                              torch.tensor(float(len(indices)), dtype=torch.float64)])
     sums = ctx.sum_across_ranks(sums)
-    elbo, iwae = (sums[:2] / sums[2]).tolist()
+    means = (sums[:-1] / sums[-1]).tolist()
     nats_per_bit = family.data.dim * math.log(2)
-    return {"elbo": elbo, "iwae": iwae, "elbo_bpd": -elbo / nats_per_bit, "iwae_bpd": -iwae / nats_per_bit}
+    return {**dict(zip(names, means)), **{f"{n}_bpd": -v / nats_per_bit for n, v in zip(names, means)}}
+
+
+def values(family) -> dict[str, bool]:
+    names = family.likelihood_values
+    return {**{n: True for n in names}, **{f"{n}_bpd": False for n in names}}
 
 
 def describe(ctx: EvalContext) -> str:
     n = ctx.family.data.samples.get(ctx.cfg.split, 0)
     n = min(n, ctx.cfg.max_samples) if ctx.cfg.max_samples else n
-    return (f"likelihood: ELBO and IWAE (k={ctx.cfg.importance_samples}) lower bounds on log p(x) in nats per "
-            f"sample and bits/dim, EMA weights, {n} samples of the {ctx.cfg.split} split, noise seed {ctx.cfg.seed}")
+    names = ", ".join(ctx.family.likelihood_values)
+    return (f"likelihood: {names} (k={ctx.cfg.importance_samples} where the bound takes samples) of log p(x) in "
+            f"nats per sample and bits/dim, EMA weights, {n} samples of the {ctx.cfg.split} split, noise seed "
+            f"{ctx.cfg.seed}")
 
 
-register_metric(Metric("likelihood", {"elbo": True, "iwae": True, "elbo_bpd": False, "iwae_bpd": False},
-                       applies=lambda family: hasattr(family, "log_likelihood_bounds"),
+register_metric(Metric("likelihood", values, applies=lambda family: isinstance(family, HasLikelihood),
                        compute=compute, describe=describe))

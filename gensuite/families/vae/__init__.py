@@ -13,7 +13,7 @@ from gensuite.errors import ConfigError
 from gensuite.families.vae.networks import Decoder, Encoder
 from gensuite.families.vae.objective import (bernoulli_nll, gaussian_nll, kl_standard_normal,
                                              likelihood_bounds, reparameterize)
-from gensuite.registry import Batch, GenerativeFamily, Networks, register
+from gensuite.registry import Batch, GenerativeFamily, Networks, per_sample_normal, register
 
 
 @dataclass
@@ -96,6 +96,12 @@ class VAE(GenerativeFamily):
         neg_elbo = recon + kl
         return {"loss": recon + self.cfg.beta * kl, "recon": recon, "kl": kl, "elbo": -neg_elbo,
                 "bpd": neg_elbo / (self.data.dim * math.log(2))}
+
+    likelihood_values = ("elbo", "iwae")
+
+    def log_likelihood(self, nets: Networks, batch: Batch, k: int, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        eps = per_sample_normal(seeds, k, self.cfg.latent_dim).transpose(0, 1)  # (k, N, latent)
+        return self.log_likelihood_bounds(nets, batch, k, eps=eps.to(batch["x"].device))
 
     @torch.no_grad()
     def log_likelihood_bounds(self, nets: Networks, batch: Batch, k: int = 64,
