@@ -336,9 +336,13 @@ def job_from_dict(raw: dict) -> JobConfig:
     family = raw.get("family")
     if family is None:
         raise ConfigError("family", f"missing; choose one of {', '.join(sorted(known))}")
+    if isinstance(family, str) and ":" in family:  # module.path:ClassName, a family outside gensuite
+        from gensuite.registry import get_family
+
+        known[family] = get_family(family)
     if family not in known:
         raise ConfigError("family", f"unknown family {family!r}{_did_you_mean(str(family), known)}; "
-                                    f"choose one of {', '.join(sorted(known))}")
+                                    f"choose one of {', '.join(sorted(known))} (or module.path:ClassName)")
     cls = known[family]
     flavor = raw.get("flavor")
     if flavor not in cls.flavors:

@@ -112,6 +112,12 @@ class Networks(Mapping[str, nn.Module]):
     def ema(self, name: str) -> nn.Module:
         return self._ema.get(name, self._modules[name])
 
+    def bare(self, name: str) -> nn.Module:
+        """The network itself, unwrapped from DistributedDataParallel: for methods other than forward
+        (a flow's inverse, a network's own helpers). Its forward skips DDP's gradient hooks."""
+        module = self._modules[name]
+        return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
+
 
 @runtime_checkable
 class Family(Protocol):
@@ -122,6 +128,7 @@ class Family(Protocol):
     flavors: ClassVar[Mapping[str, Mapping[str, Any]]]  # flavor -> defaults for `model:`
     debug_dataset: ClassVar[str]  # the embedded shard set its debug flavor is tested on
     held_out_conditions: ClassVar[int]  # eval-split samples handed to set_conditions; 0: none
+    sampling_needs_gradients: ClassVar[bool]  # sample() differentiates (Langevin dynamics, score models)
 
     cfg: Any  # the job's model section, as config_class
     data: DataSpec
@@ -164,6 +171,21 @@ class Family(Protocol):
         """Extra training state to checkpoint (e.g. an EBM replay buffer); tensors and plain data."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    # -- hooks: each has a default that does nothing (GenerativeFamily) -------------------------------
+    def initialize(self, nets: Networks, batch: Batch) -> None:
+        """Data-dependent initialisation (Glow's ActNorm) before the first step, from the first
+        ``train.batch_size`` training samples in stored order (the same batch on every rank, so every
+        rank initialises alike); a resumed run then loads its checkpoint over it."""
+
+    def after_step(self, player: str, nets: Networks, step: int) -> None:
+        """After each optimiser step of ``player``, without gradients (WGAN's weight clipping)."""
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """State that differs per rank (an EBM's replay buffer): every rank's is checkpointed."""
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        """This rank's state from ``rank_state_dict``, on a resume with the same rank count."""
 
 
 # -- declared abilities: optional parts of the contract, tested with isinstance ------------------
@@ -209,6 +231,7 @@ class GenerativeFamily:
     flavors: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     debug_dataset: ClassVar[str] = "digits"
     held_out_conditions: ClassVar[int] = 0
+    sampling_needs_gradients: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, data: DataSpec) -> None:
         self.cfg = cfg
@@ -248,6 +271,24 @@ class GenerativeFamily:
         if state:
             raise ValueError(f"{self.name}: unexpected extra state keys {sorted(state)}")
 
+    def initialize(self, nets: Networks, batch: Batch) -> None:
+        pass
+
+    def after_step(self, player: str, nets: Networks, step: int) -> None:
+        pass
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_rank_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{self.name}: unexpected per-rank state keys {sorted(state)}")
+
+
+def sampling_mode(family: Family):
+    """The autograd mode ``family.sample`` runs in: gradients on for samplers that differentiate."""
+    return torch.enable_grad() if family.sampling_needs_gradients else torch.no_grad()
+
 
 _FAMILIES: dict[str, type] = {}
 
@@ -269,4 +310,37 @@ def families() -> dict[str, type]:
 
 
 def get_family(name: str) -> type:
-    return families()[name]
+    """A registered family, or ``module.path:ClassName`` of a family outside gensuite (imported on
+    first use; the class needs the contract's attributes, e.g. by subclassing GenerativeFamily)."""
+    known = families()
+    if name in known:
+        return known[name]
+    cls = import_family(name)
+    _FAMILIES[name] = cls
+    return cls
+
+
+def import_family(spec: str) -> type:
+    """``module.path:ClassName`` -> the class, or a one-line error naming what is missing."""
+    import importlib
+
+    from gensuite.errors import ConfigError
+
+    module_name, _, class_name = spec.partition(":")
+    if not module_name or not class_name:
+        raise ConfigError("family", f"{spec!r}: a family outside gensuite is named module.path:ClassName")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError("family", f"{spec!r}: cannot import {module_name} ({e}); put its folder on PYTHONPATH or "
+                                    f"pip install it") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ConfigError("family", f"{spec!r}: {module_name} has no {class_name}")
+    missing = [a for a in ("config_class", "flavors", "build_networks", "players", "loss", "sample")
+               if a not in dir(cls)]
+    if missing or not dataclasses.is_dataclass(cls.config_class):
+        lacks = ", ".join(missing) or "a dataclass config_class"
+        raise ConfigError("family", f"{spec!r}: not a gensuite family (it lacks {lacks}; subclass "
+                                    f"gensuite.registry.GenerativeFamily)")
+    return cls

@@ -10,7 +10,7 @@ import torch
 from gensuite import checkpoint as ckpt
 from gensuite.config import JobConfig, job_from_dict
 from gensuite.errors import GensuiteError
-from gensuite.registry import DataSpec, Family, Networks, get_family
+from gensuite.registry import DataSpec, Family, Networks, get_family, sampling_mode
 
 
 @dataclass
@@ -50,7 +50,6 @@ def load_run(source: str | Path, device: str = "cpu") -> TrainedRun:
     return TrainedRun(job, family, Networks(modules, ema), state["step"], path)
 
 
-@torch.no_grad()
 def draw(run: TrainedRun, n: int, seed: int = 0, label: int | None = None, text: str | None = None) -> torch.Tensor:
     """``n`` samples from the run's sampler (fixed inputs drawn from ``seed``; all of class ``label``;
     all for the caption ``text``)."""
@@ -71,7 +70,8 @@ def draw(run: TrainedRun, n: int, seed: int = 0, label: int | None = None, text:
         fixed["y"] = torch.full_like(fixed["y"], label)
     if text is not None:
         fixed["embedding"] = embed_text(run, text).to(fixed["embedding"]).expand(len(fixed["embedding"]), -1)
-    return run.family.sample(run.networks, fixed)
+    with sampling_mode(run.family):
+        return run.family.sample(run.networks, fixed)
 
 
 def embed_text(run: TrainedRun, text: str) -> torch.Tensor:

@@ -29,7 +29,7 @@ from gensuite.distributed import (Runtime, StopRequest, deepspeed_config, deepsp
                                   seed_everything, set_rng_state)
 from gensuite.errors import ConfigError, DiskFull, GensuiteError, Interrupted, AlreadyReported, TrainingDiverged
 from gensuite.logger import RunLogger
-from gensuite.registry import Family, Networks, Player, get_family
+from gensuite.registry import Family, Networks, Player, get_family, sampling_mode
 
 
 CONDITION_FIELDS = {"embeddings", "captions"}  # what a family's held-out conditions are made of
@@ -196,6 +196,10 @@ class Trainer:
     def _build_networks(self) -> None:
         nets = self.family.build_networks()
         frozen = self.family.frozen_networks()
+        # Data-dependent initialisation, alike on every rank (the same stored-order batch), before
+        # EMA copies and DDP wrappers are made from the networks; a resume loads over it.
+        first = read_split(self.shard_dir, "train", self.plan.global_batch)
+        self.family.initialize(Networks(nets), first)
         for name, source in frozen.items():
             source, name_there = source if isinstance(source, tuple) else (source, name)
             weights = load_network(source, name_there)
@@ -294,9 +298,15 @@ class Trainer:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         self.family.load_state_dict(state["family"])
+        saved_world = state["data"]["world_size"]
+        per_rank = state.get("family_ranks") or [{}] * saved_world
+        if saved_world == self.rt.world_size:
+            self.family.load_rank_state_dict(per_rank[self.rt.rank])
+        elif any(per_rank):
+            self.logger.info(f"warning: {path} holds per-rank family state of {len(per_rank)} ranks; this run has "
+                             f"{self.rt.world_size}, so each rank starts its own afresh")
         self.best = state.get("best", {})
         self.step = state["step"]
-        saved_world = state["data"]["world_size"]
         self.consumed = state["data"]["micro_batches"] * saved_world // self.rt.world_size
         if saved_world == self.rt.world_size:
             set_rng_state(state["rng"][self.rt.rank])
@@ -466,6 +476,8 @@ class Trainer:
         else:  # clips (gradient_clipping), steps and zeroes the gradients
             engine.step()
             grad_norm = torch.tensor(float(engine.get_global_grad_norm() or 0.0))
+        with torch.no_grad():
+            self.family.after_step(player.name, view, self.step)
         self.schedulers[player.name].step()
         out = dict(zip(names, values))
         out["grad_norm"] = grad_norm.detach().float()
@@ -513,7 +525,6 @@ class Trainer:
             split = "train"
         return to_device(read_split(self.shard_dir, split, self.job.log.grid_size), self.rt.device)
 
-    @torch.no_grad()
     def log_visuals(self, fixed, reference) -> None:
         if not self.rt.is_main:
             return
@@ -522,7 +533,8 @@ class Trainer:
         for m in self.bare.values():
             m.eval()
         try:
-            visuals = self.family.visuals(nets, fixed, reference)
+            with sampling_mode(self.family):
+                visuals = self.family.visuals(nets, fixed, reference)
         finally:
             for n, m in self.bare.items():
                 m.train(modes[n])
@@ -530,7 +542,7 @@ class Trainer:
             self.logger.visuals(self.step, visuals, self.family)
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def state(self, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
+    def state(self, rng_states: list[dict[str, Any]], family_ranks: list[dict[str, Any]]) -> dict[str, Any]:
         scaler = self.rt.accelerator.scaler
         return {
             "gensuite_version": gensuite.__version__,
@@ -544,6 +556,7 @@ class Trainer:
             "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
             "scaler": scaler.state_dict() if scaler is not None else {},
             "family": self.family.state_dict(),
+            "family_ranks": family_ranks,  # rank_state_dict() of every rank, by rank
             # Enough to rebuild the networks and sample without the shards (gensuite sample).
             "data_spec": self.spec.to_dict(),
             "data": {"micro_batches": self.consumed, "world_size": self.rt.world_size,
@@ -555,11 +568,12 @@ class Trainer:
     def save(self, best: bool = False) -> Path | None:
         """A resumable step checkpoint, or (``best``) checkpoints/best.pt for sampling and evaluation."""
         rngs = self.rt.gather_object(rng_state())  # every rank's RNG, so each resumes its own stream
+        family_ranks = self.rt.gather_object(self.family.rank_state_dict())
         if best:
             path = None
             if self.rt.is_main:
                 with self.rank0_writes():
-                    path = ckpt.save_named(self.run_dir, "best", self.state(rngs))
+                    path = ckpt.save_named(self.run_dir, "best", self.state(rngs, family_ranks))
                     self.logger.info(f"step {self.step}: new best eval/{self.job.eval.best} = "
                                      f"{self.best['value']:.5g}; {path}")
             self.rt.barrier()
@@ -572,7 +586,7 @@ class Trainer:
         path = None
         if self.rt.is_main:
             with self.rank0_writes():
-                path = ckpt.save_checkpoint(self.run_dir, self.step, self.state(rngs),
+                path = ckpt.save_checkpoint(self.run_dir, self.step, self.state(rngs, family_ranks),
                                             self.job.train.keep_checkpoints)
                 self.logger.info(f"step {self.step}: checkpoint {path}")
         self.rt.barrier()

@@ -19,7 +19,7 @@ from gensuite.data.pipeline import iterate_split
 from gensuite.errors import ConfigError
 from gensuite.evaluation import EvalContext, Metric, register_metric
 from gensuite.evaluation.classification import confusion_figure
-from gensuite.registry import Classifies
+from gensuite.registry import Classifies, sampling_mode
 
 _JUDGES: dict[tuple[str, str], object] = {}
 
@@ -67,7 +67,7 @@ def generated(ctx: EvalContext, with_start: bool = False):
         fixed = family.fixed_inputs(cfg.batch_size, torch.Generator().manual_seed(cfg.seed * 7919 + j))
         take = min(per_chunk, cfg.n_samples - j * per_chunk)
         fixed = {k: v[:take].to(ctx.device) for k, v in fixed.items()}
-        with torch.no_grad():
+        with sampling_mode(family):
             samples = family.sample(ctx.nets, fixed)
         yield (j * per_chunk, samples, fixed.get("y")) if with_start else (samples, fixed.get("y"))
 
