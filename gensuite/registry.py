@@ -12,9 +12,11 @@ sampler. The training loop in ``gensuite.trainer`` knows nothing else about it. 
   ``frozen_networks()`` names them and the run directory or checkpoint they come from;
 - conditioning on class labels (``batch["y"]``) or other fields such as text embeddings
   (any extra key of the batch); families that sample for held-out conditions (text-to-image) ask
-  for ``held_out_conditions`` samples of the eval split once, through ``set_conditions``, and keep
-  them in their state so a checkpoint alone can sample. Their fixed inputs carry the condition
-  under "embedding", which ``gensuite sample --text`` replaces.
+  for ``held_out_conditions`` samples (their ``condition_fields``) of the eval split once, through
+  ``set_conditions``, and keep them in their state so a checkpoint alone can sample; a
+  ``TextConditioned`` family also draws for new text (``gensuite sample --text``);
+- optional abilities (``HasLikelihood``, ``Classifies``, ``TextConditioned``) are Protocols tested with
+  isinstance, and hooks (``initialize``, ``after_step``, per-rank state) default to doing nothing.
 """
 
 from __future__ import annotations
@@ -128,6 +130,7 @@ class Family(Protocol):
     flavors: ClassVar[Mapping[str, Mapping[str, Any]]]  # flavor -> defaults for `model:`
     debug_dataset: ClassVar[str]  # the embedded shard set its debug flavor is tested on
     held_out_conditions: ClassVar[int]  # eval-split samples handed to set_conditions; 0: none
+    condition_fields: ClassVar[frozenset[str]]  # the extra batch fields set_conditions reads (e.g. captions)
     sampling_needs_gradients: ClassVar[bool]  # sample() differentiates (Langevin dynamics, score models)
 
     cfg: Any  # the job's model section, as config_class
@@ -217,6 +220,14 @@ class HasLikelihood(Protocol):
         ``k``: importance samples (or Monte-Carlo draws) per data point where the bound takes them."""
 
 
+@runtime_checkable
+class TextConditioned(Protocol):
+    """Draws images for text embeddings (``gensuite sample --text``)."""
+
+    def with_text(self, fixed: dict[str, torch.Tensor], embedding: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``fixed`` inputs that draw every sample for the (1, T) text ``embedding``."""
+
+
 def per_sample_normal(seeds: torch.Tensor, *shape: int) -> torch.Tensor:
     """(len(seeds), *shape) standard normals, row i from its own generator seeded with seeds[i]."""
     return torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
@@ -231,6 +242,7 @@ class GenerativeFamily:
     flavors: ClassVar[Mapping[str, Mapping[str, Any]]] = {}
     debug_dataset: ClassVar[str] = "digits"
     held_out_conditions: ClassVar[int] = 0
+    condition_fields: ClassVar[frozenset[str]] = frozenset()
     sampling_needs_gradients: ClassVar[bool] = False
 
     def __init__(self, cfg: Any, data: DataSpec) -> None:

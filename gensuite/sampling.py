@@ -10,7 +10,7 @@ import torch
 from gensuite import checkpoint as ckpt
 from gensuite.config import JobConfig, job_from_dict
 from gensuite.errors import GensuiteError
-from gensuite.registry import DataSpec, Family, Networks, get_family, sampling_mode
+from gensuite.registry import DataSpec, Family, Networks, TextConditioned, get_family, sampling_mode
 
 
 @dataclass
@@ -69,7 +69,7 @@ def draw(run: TrainedRun, n: int, seed: int = 0, label: int | None = None, text:
                                 f"(0..{classes - 1}: {', '.join(run.family.data.class_names)})")
         fixed["y"] = torch.full_like(fixed["y"], label)
     if text is not None:
-        fixed["embedding"] = embed_text(run, text).to(fixed["embedding"]).expand(len(fixed["embedding"]), -1)
+        fixed = run.family.with_text(fixed, embed_text(run, text))
     with sampling_mode(run.family):
         return run.family.sample(run.networks, fixed)
 
@@ -80,7 +80,7 @@ def embed_text(run: TrainedRun, text: str) -> torch.Tensor:
     from gensuite.text import encoder_for
 
     encoder = run.family.data.text_encoder
-    if not encoder:
+    if not encoder or not isinstance(run.family, TextConditioned):
         raise GensuiteError(f"--text: this {run.job.family}/{run.job.flavor} run on {run.family.data.dataset} "
                             f"is not text-conditioned")
     return torch.as_tensor(encoder_for(encoder).embed([text]), dtype=torch.float32)

@@ -32,9 +32,6 @@ from gensuite.logger import RunLogger
 from gensuite.registry import Family, Networks, Player, get_family, sampling_mode
 
 
-CONDITION_FIELDS = {"embeddings", "captions"}  # what a family's held-out conditions are made of
-
-
 @dataclass
 class BatchPlan:
     """How the global batch maps onto ranks and accumulation micro-steps."""
@@ -172,7 +169,8 @@ class Trainer:
 
         if self.family.held_out_conditions:  # e.g. test captions to sample for; kept in checkpoints
             self.family.set_conditions(read_split(self.shard_dir, self._held_out_split(),
-                                                  self.family.held_out_conditions, fields=CONDITION_FIELDS))
+                                                  self.family.held_out_conditions,
+                                                  fields=set(self.family.condition_fields)))
         seed_everything(job.train.seed)  # identical initial weights on every rank
         self._build_networks()
         self._build_optimizers()

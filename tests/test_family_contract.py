@@ -15,8 +15,8 @@ from gensuite.data.pipeline import read_split
 from gensuite.data.shards import data_spec, read_manifest
 from gensuite.errors import ConfigError
 from gensuite.evaluation import EvalContext, evaluate, resolve
-from gensuite.registry import (Classifies, Family, GenerativeFamily, HasLikelihood, Networks, families,
-                               per_sample_normal)
+from gensuite.registry import (Classifies, Family, GenerativeFamily, HasLikelihood, Networks, TextConditioned,
+                               families, per_sample_normal)
 
 
 def debug_family(name: str, shard_root: Path):
@@ -55,13 +55,15 @@ def test_every_family_conforms_and_its_abilities_work(shard_root, name):
                 assert torch.equal(first[value], again[value])  # the seeds fix every draw
 
 
-@pytest.mark.parametrize("name, classifies, likelihood", [
-    ("classifier", True, False), ("vae", False, True), ("gan", False, False), ("stackgan", False, False)])
-def test_abilities_are_what_each_family_declares(shard_root, name, classifies, likelihood):
+@pytest.mark.parametrize("name, classifies, likelihood, text", [
+    ("classifier", True, False, False), ("vae", False, True, False), ("gan", False, False, False),
+    ("stackgan", False, False, True)])
+def test_abilities_are_what_each_family_declares(shard_root, name, classifies, likelihood, text):
     from gensuite.evaluation import METRICS, _load_builtin
 
     family, _ = debug_family(name, shard_root)
     assert isinstance(family, Classifies) is classifies and isinstance(family, HasLikelihood) is likelihood
+    assert isinstance(family, TextConditioned) is text
     _load_builtin()
     assert METRICS["classification"].applies(family) is classifies
     assert METRICS["likelihood"].applies(family) is likelihood

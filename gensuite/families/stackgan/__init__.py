@@ -108,6 +108,7 @@ class StackGAN(GenerativeFamily):
     }
     debug_dataset = "shapes"
     held_out_conditions = 1000  # test images whose captions fixed inputs and evaluations draw from
+    condition_fields = frozenset({"embeddings", "captions"})
 
     def __init__(self, cfg: StackGANConfig, data):
         super().__init__(cfg, data)
@@ -240,6 +241,10 @@ class StackGAN(GenerativeFamily):
 
     def load_state_dict(self, state):
         self.conditions = state.get("conditions", {})
+
+    def with_text(self, fixed, embedding):
+        """Every sample drawn for one new caption's (1, T) embedding (``gensuite sample --text``)."""
+        return {**fixed, "embedding": embedding.to(fixed["embedding"]).expand(len(fixed["embedding"]), -1)}
 
     def fixed_inputs(self, n: int, generator: torch.Generator):
         """Noise, and the embedding of a random caption of a random held-out image per sample;
