@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
 import sys
@@ -306,17 +307,43 @@ class RunLogger:
 
 def write_progress_gifs(folder: Path, run_dir: Path | None = None) -> None:
     """``<name>.gif`` from the ``<name>-<step>.png`` grids: how samples evolved during training."""
-    from PIL import Image
-
-    series: dict[str, list[Path]] = {}
+    series: dict[str, list[tuple[int, bytes]]] = {}
     for png in sorted(folder.glob("*-[0-9]*.png")):
-        series.setdefault(png.stem.rsplit("-", 1)[0], []).append(png)
+        name, step = png.stem.rsplit("-", 1)
+        series.setdefault(name, []).append((int(step), png.read_bytes()))
     for name, frames in series.items():
-        if len(frames) < 2:
-            continue
-        images = [Image.open(f).convert("RGB") for f in frames]
-        with writing(folder / f"{name}.gif", run_dir):
-            images[0].save(folder / f"{name}.gif", save_all=True, append_images=images[1:], duration=400, loop=0)
+        if len(frames) >= 2:
+            with writing(folder / f"{name}.gif", run_dir):
+                write_gif(frames, folder / f"{name}.gif")
+
+
+MAX_GIF_FRAMES = 120
+
+
+def write_gif(frames: list[tuple[int, bytes]], path: Path, ms_per_frame: int = 500) -> None:
+    """An animated GIF, each frame with its step written above it (at most MAX_GIF_FRAMES, evenly spaced)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if len(frames) > MAX_GIF_FRAMES:
+        keep = {round(i * (len(frames) - 1) / (MAX_GIF_FRAMES - 1)) for i in range(MAX_GIF_FRAMES)}
+        frames = [f for i, f in enumerate(frames) if i in keep]
+    images = [Image.open(io.BytesIO(data)).convert("RGB") for _, data in frames]
+    try:  # FreeType builds of Pillow scale the default font
+        font = ImageFont.load_default(size=max(10, max(im.height for im in images) // 28))
+    except (TypeError, ImportError):
+        font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [probe.textbbox((0, 0), f"step {step}", font=font) for step, _ in frames]
+    band = max(b[3] for b in boxes) + 4
+    width = max([im.width for im in images] + [b[2] + 4 for b in boxes])
+    height = max(im.height for im in images) + band
+    labelled = []
+    for (step, _), im in zip(frames, images):
+        canvas = Image.new("RGB", (width, height), "white")
+        canvas.paste(im, (0, band))
+        ImageDraw.Draw(canvas).text((2, 2), f"step {step}", fill="black", font=font)
+        labelled.append(canvas)
+    labelled[0].save(path, save_all=True, append_images=labelled[1:], duration=ms_per_frame, loop=0)
 
 
 def scatter(points: torch.Tensor):

@@ -10,7 +10,6 @@ comparison page: final metrics against the settings that differ, and every curve
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import os
@@ -22,11 +21,10 @@ from urllib.parse import quote
 
 from gensuite.config import JobConfig, load_job, to_dict
 from gensuite.errors import GensuiteError
-from gensuite.logger import flatten, hparams_of
+from gensuite.logger import flatten, hparams_of, write_gif
 
 NAMESPACES = ("lr", "perf", "eval", "final")  # scalar tags that are not a player's loss terms
 SPLITS = ("train", "validation", "test")  # eval/<split>_<value> prefixes (classification)
-MAX_GIF_FRAMES = 120
 
 
 # -- networks: shared with ``gensuite summary`` ---------------------------------------------------
@@ -434,32 +432,6 @@ def write_images(run: RunLog, folder: Path) -> dict[str, dict[str, Any]]:
             write_gif(frames, gif)
         out[tag] = {"pngs": pngs, "gif": gif}
     return out
-
-
-def write_gif(frames: list[tuple[int, bytes]], path: Path, ms_per_frame: int = 500) -> None:
-    """An animated GIF, each frame with its step written above it (at most MAX_GIF_FRAMES, evenly spaced)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    if len(frames) > MAX_GIF_FRAMES:
-        keep = {round(i * (len(frames) - 1) / (MAX_GIF_FRAMES - 1)) for i in range(MAX_GIF_FRAMES)}
-        frames = [f for i, f in enumerate(frames) if i in keep]
-    images = [Image.open(io.BytesIO(data)).convert("RGB") for _, data in frames]
-    try:  # FreeType builds of Pillow scale the default font
-        font = ImageFont.load_default(size=max(10, max(im.height for im in images) // 28))
-    except (TypeError, ImportError):
-        font = ImageFont.load_default()
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    boxes = [probe.textbbox((0, 0), f"step {step}", font=font) for step, _ in frames]
-    band = max(b[3] for b in boxes) + 4
-    width = max([im.width for im in images] + [b[2] + 4 for b in boxes])
-    height = max(im.height for im in images) + band
-    labelled = []
-    for (step, _), im in zip(frames, images):
-        canvas = Image.new("RGB", (width, height), "white")
-        canvas.paste(im, (0, band))
-        ImageDraw.Draw(canvas).text((2, 2), f"step {step}", fill="black", font=font)
-        labelled.append(canvas)
-    labelled[0].save(path, save_all=True, append_images=labelled[1:], duration=ms_per_frame, loop=0)
 
 
 # -- one run's report -------------------------------------------------------------------------------

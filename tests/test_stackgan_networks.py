@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from gensuite.families.stackgan.networks import (NearestUpConv2d, Stage1Discriminator, Stage1Generator,
-                                                 Stage2Discriminator, Stage2Generator, architecture,
-                                                 count_parameters, init_weights, up_block)
+                                                 Stage2Discriminator, Stage2Generator, count_parameters,
+                                                 init_weights, up_block)
+from gensuite.trainer import architecture_text
 
 TEXT_DIM, C_DIM, Z_DIM, GF_DIM, DF_DIM = 1024, 128, 100, 128, 64
 
@@ -257,7 +258,7 @@ def test_discriminator_widths_generalise():
 
 def test_architecture_and_counts():
     g1, d1, _, _ = small_networks()
-    text = architecture({"G": g1, "D": d1})
+    text = architecture_text({"G": g1, "D": d1}, {})  # what the trainer writes to architecture.txt
     assert f"G: Stage1Generator, {count_parameters(g1):,} parameters" in text
     assert "NearestUpConv2d" in text and "total:" in text
     for p in g1.parameters():

@@ -319,10 +319,3 @@ class Stage2Generator(nn.Module):
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
-
-def architecture(nets: dict[str, nn.Module]) -> str:
-    """Human-readable record for the run directory: each network's parameter count and structure."""
-    parts = [f"{name}: {type(net).__name__}, {count_parameters(net):,} parameters\n{net!r}\n"
-             for name, net in nets.items()]
-    total = sum(count_parameters(net) for net in nets.values())
-    return "\n".join(parts) + f"\ntotal: {total:,} parameters\n"
