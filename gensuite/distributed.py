@@ -148,6 +148,98 @@ def _leave_process_group() -> None:
             torch.distributed.destroy_process_group()
 
 
+# -- one optimiser per player, however the ranks share the work -----------------------------------
+
+
+class DataParallelEngine:
+    """A player's networks on one rank or DDP-wrapped (through Accelerate): gradients are averaged
+    at the last micro-step of an accumulation, then clipped and stepped by a torch optimiser."""
+
+    sharded = False  # optimizer state is whole on every rank: it goes into the step file
+
+    def __init__(self, runtime: Runtime, optimizer, modules: list[nn.Module], grad_clip: float | None):
+        self.rt, self.optimizer, self.modules, self.grad_clip = runtime, optimizer, modules, grad_clip
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def micro_step(self, last: bool):
+        """Context for one micro-batch's forward and backward: DDP reduces only at the last one."""
+        return self.rt.no_sync([] if last else self.modules)
+
+    def backward(self, loss: torch.Tensor, micro_steps: int, last: bool) -> None:
+        self.rt.backward(loss / micro_steps)
+
+    def step(self) -> torch.Tensor:
+        """Clip (when asked) and step; returns the gradient norm before clipping."""
+        params = [p for m in self.modules for p in m.parameters()]
+        norm = self.rt.clip_grad_norm(self.optimizer, params, self.grad_clip)
+        self.optimizer.step()
+        return norm
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load(self, state: dict[str, Any], sharded_folder, tag: str) -> None:
+        self.optimizer.load_state_dict(state)
+
+    def save_sharded(self, folder, tag: str) -> None:
+        pass
+
+
+class DeepSpeedEngine:
+    """A player's networks in one DeepSpeed engine (ZeRO-1/2): the engine divides by the accumulation
+    steps, reduces partitioned gradients, clips (its gradient_clipping), steps and zeroes them."""
+
+    sharded = True  # each rank's optimizer partition lives in DeepSpeed's files beside the step file
+
+    def __init__(self, modules: dict[str, nn.Module], optimizer, config: dict[str, Any]):
+        self.engine = deepspeed_engine(modules, optimizer, config)
+        self.optimizer = self.engine.optimizer
+
+    def zero_grad(self) -> None:
+        pass
+
+    def micro_step(self, last: bool):
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor, micro_steps: int, last: bool) -> None:
+        self.engine.backward(loss)
+        if not last:
+            self.engine.step()  # only counts the micro-step; the update happens at the boundary
+
+    def step(self) -> torch.Tensor:
+        self.engine.step()
+        return torch.tensor(float(self.engine.get_global_grad_norm() or 0.0))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load(self, state: dict[str, Any], sharded_folder, tag: str) -> None:
+        self.engine.load_checkpoint(str(sharded_folder), tag=tag, load_module_strict=True,
+                                    load_optimizer_states=True, load_lr_scheduler_states=False)
+
+    def save_sharded(self, folder, tag: str) -> None:
+        self.engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
+
+
+def prepare_networks(runtime: Runtime, nets: dict[str, nn.Module], strategy: str) -> dict[str, nn.Module]:
+    """The modules players train through: DDP-wrapped where several ranks share trainable parameters,
+    bare under DeepSpeed (its engines, built with the optimisers, do their own reductions)."""
+    return dict(nets) if strategy == "deepspeed" else {n: runtime.prepare_module(m) for n, m in nets.items()}
+
+
+def player_engine(runtime: Runtime, strategy: str, modules: dict[str, nn.Module], optimizer, grad_clip,
+                  deepspeed: Any, micro: int, accumulation: int):
+    """The engine one player steps through: DataParallelEngine, or DeepSpeedEngine for strategy deepspeed
+    (``deepspeed``: the job's train.deepspeed section)."""
+    if strategy == "deepspeed":
+        config = deepspeed_config(deepspeed.zero_stage, deepspeed.offload_optimizer, micro, accumulation,
+                                  runtime.world_size, grad_clip)
+        return DeepSpeedEngine(modules, optimizer, config)
+    return DataParallelEngine(runtime, runtime.prepare_optimizer(optimizer), list(modules.values()), grad_clip)
+
+
 # -- DeepSpeed ------------------------------------------------------------------------------------
 # Driven directly (deepspeed.initialize), not through Accelerate's plugin: Accelerate 1.15's plugin
 # refuses to start unless `transformers` is importable, and a GAN needs one engine per player.

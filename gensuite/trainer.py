@@ -3,7 +3,9 @@
 ``Trainer.run`` reads top to bottom: set up (data, networks, optimisers, resume), then iterate:
 each player of the family steps in turn (a GAN's D ``n_critic`` times, then G), EMA copies follow,
 and at fixed intervals the loop logs, draws sample grids and checkpoints. Families plug in through
-the contract in ``gensuite.registry``; subclasses may override the small ``*_step`` hooks.
+the contract in ``gensuite.registry`` (its hooks: ``initialize``, ``after_step``, per-rank state);
+each player steps through an engine from ``gensuite.distributed`` (plain/DDP or DeepSpeed), so the
+loop never asks which strategy runs.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from gensuite import evaluation
 from gensuite.config import JobConfig, OptimizerSpec, dump_yaml
 from gensuite.data.pipeline import SKIPPED, ShardStream, make_loader, read_split, split_shards, worker_error_message
 from gensuite.data.shards import data_spec, open_shard_set
-from gensuite.distributed import (Runtime, StopRequest, deepspeed_config, deepspeed_engine, node_name, rng_state,
+from gensuite.distributed import (Runtime, StopRequest, node_name, player_engine, prepare_networks, rng_state,
                                   seed_everything, set_rng_state)
 from gensuite.errors import ConfigError, DiskFull, GensuiteError, Interrupted, AlreadyReported, TrainingDiverged
 from gensuite.logger import RunLogger
@@ -214,17 +216,16 @@ class Trainer:
         if orphans:
             raise RuntimeError(f"family {self.job.family}: networks {orphans} belong to no player")
         self.bare = nets  # unwrapped modules: checkpoints, frozen views, sampling
-        self.deepspeed = self.job.train.strategy == "deepspeed"
         self.ema = {
             n: AveragedModel(nets[n], multi_avg_fn=get_ema_multi_avg_fn(self.job.train.ema.decay), use_buffers=True)
             .to(self.rt.device).eval()
             for n in self.job.train.ema.networks
         }
-        # DeepSpeed engines (one per player, built with the optimisers) do their own reductions.
-        self.modules = dict(nets) if self.deepspeed else {n: self.rt.prepare_module(m) for n, m in nets.items()}
+        self.modules = prepare_networks(self.rt, nets, self.job.train.strategy)
 
     def _build_optimizers(self) -> None:
-        self.optimizers, self.schedulers, self.optim_specs, self.engines = {}, {}, {}, {}
+        """One engine per player (its optimiser, however the ranks share the work) and its LR schedule."""
+        self.engines, self.schedulers = {}, {}
         for p in self.players:
             spec = self.job.optim.for_player(p.name)
             params = [q for n in p.networks for q in self.modules[n].parameters()]
@@ -232,15 +233,9 @@ class Trainer:
             # Not prepared by Accelerate: its scheduler wrapper steps once per process.
             self.schedulers[p.name] = torch.optim.lr_scheduler.LambdaLR(
                 opt, lr_factor(spec, self.total_steps, self.steps_per_epoch))
-            if self.deepspeed:
-                ds = self.job.train.deepspeed
-                config = deepspeed_config(ds.zero_stage, ds.offload_optimizer, self.plan.micro,
-                                          self.plan.accumulation, self.rt.world_size, spec.grad_clip)
-                self.engines[p.name] = deepspeed_engine({n: self.modules[n] for n in p.networks}, opt, config)
-                opt = self.engines[p.name].optimizer
-            else:
-                opt = self.rt.prepare_optimizer(opt)
-            self.optimizers[p.name], self.optim_specs[p.name] = opt, spec
+            self.engines[p.name] = player_engine(self.rt, self.job.train.strategy,
+                                                 {n: self.modules[n] for n in p.networks}, opt, spec.grad_clip,
+                                                 self.job.train.deepspeed, self.plan.micro, self.plan.accumulation)
 
     def _resume(self) -> None:
         resume = self.job.train.resume
@@ -270,11 +265,11 @@ class Trainer:
                 raise GensuiteError(f"{path}: checkpoint is a {saved['family']}/{saved['flavor']} run, the job is "
                                     f"{self.job.family}/{self.job.flavor}; use another --run-dir or train.resume: never")
         saved_strategy = state.get("strategy", "ddp")
-        if saved_strategy != self.job.train.strategy or (
-                self.deepspeed and state["data"]["world_size"] != self.rt.world_size):
+        sharded = any(e.sharded for e in self.engines.values())
+        if saved_strategy != self.job.train.strategy or (sharded and state["data"]["world_size"] != self.rt.world_size):
             raise GensuiteError(f"{path}: written by a {saved_strategy} run on {state['data']['world_size']} ranks; "
                                 f"resume it with the same train.strategy"
-                                + (" and rank count (ZeRO partitions the optimizer by rank)" if self.deepspeed else ""))
+                                + (" and rank count (ZeRO partitions the optimizer by rank)" if sharded else ""))
         for name, module in self.bare.items():
             ckpt.check_fits(module, state["networks"].get(name, {}), str(path), name)
             module.load_state_dict(state["networks"][name])
@@ -284,13 +279,8 @@ class Trainer:
                                     f"asks for; resume with the run's train.ema settings or use another --run-dir")
             ckpt.check_fits(avg, state["ema"][name], str(path), f"EMA {name}")
             avg.load_state_dict(state["ema"][name])
-        for name, opt in self.optimizers.items():
-            if self.deepspeed:  # each rank's optimizer partition, from DeepSpeed's own files
-                self.engines[name].load_checkpoint(str(ckpt.sharded_dir(path)), tag=name,
-                                                   load_module_strict=True, load_optimizer_states=True,
-                                                   load_lr_scheduler_states=False)
-            else:
-                opt.load_state_dict(state["optimizers"][name])
+        for name, engine in self.engines.items():
+            engine.load(state["optimizers"].get(name, {}), ckpt.sharded_dir(path), tag=name)
             self.schedulers[name].load_state_dict(state["schedulers"][name])
         scaler = self.rt.accelerator.scaler
         if scaler is not None and state.get("scaler"):
@@ -440,27 +430,17 @@ class Trainer:
             set_trainable(module, name in active)
         view = Networks({n: self.modules[n] if n in active else self.bare[n] for n in self.bare},
                         {n: avg.module for n, avg in self.ema.items()})
-        opt = self.optimizers[player.name]
-        engine = self.engines.get(player.name)
-        if engine is None:
-            opt.zero_grad(set_to_none=True)
+        engine = self.engines[player.name]
+        engine.zero_grad()
         sums: dict[str, torch.Tensor] = {}
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
-            with self.rt.no_sync([] if last else [self.modules[n] for n in active]):
+            with engine.micro_step(last):
                 with self.rt.autocast():
                     terms = self.family.loss(player.name, view, batch, self.step)
-                if engine is None:
-                    self.rt.backward(terms["loss"] / len(batches))
-                else:  # the engine divides by the accumulation steps and reduces partitioned gradients
-                    engine.backward(terms["loss"])
-                    if not last:
-                        engine.step()  # only counts the micro-step; the update happens at the boundary
+                engine.backward(terms["loss"], len(batches), last)
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0) + v.detach().float() / len(batches)
-        if engine is None:
-            params = [p for n in player.networks for p in self.modules[n].parameters()]
-            grad_norm = self.rt.clip_grad_norm(opt, params, self.optim_specs[player.name].grad_clip)
         names = list(sums)
         values = self.rt.mean_across_ranks(torch.stack([sums[k] for k in names]))
         bad = [k for k, v in zip(names, values.tolist()) if not math.isfinite(v)]
@@ -469,11 +449,7 @@ class Trainer:
             raise TrainingDiverged(f"step {self.step}: loss term {player.name}/{bad[0]} is "
                                    f"{values[names.index(bad[0])].item()}; stopped; last good checkpoint: "
                                    f"{latest or 'none yet'}")
-        if engine is None:
-            opt.step()
-        else:  # clips (gradient_clipping), steps and zeroes the gradients
-            engine.step()
-            grad_norm = torch.tensor(float(engine.get_global_grad_norm() or 0.0))
+        grad_norm = engine.step()  # clips when asked; the norm before clipping is logged
         with torch.no_grad():
             self.family.after_step(player.name, view, self.step)
         self.schedulers[player.name].step()
@@ -549,7 +525,7 @@ class Trainer:
             "networks": {n: m.state_dict() for n, m in self.bare.items()},
             "ema": {n: avg.state_dict() for n, avg in self.ema.items()},
             # Under DeepSpeed each rank's optimizer partition lives in checkpoints/sharded/<step>/.
-            "optimizers": {} if self.deepspeed else {n: o.state_dict() for n, o in self.optimizers.items()},
+            "optimizers": {n: e.state_dict() for n, e in self.engines.items() if not e.sharded},
             "strategy": self.job.train.strategy,
             "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
             "scaler": scaler.state_dict() if scaler is not None else {},
@@ -576,10 +552,10 @@ class Trainer:
                                      f"{self.best['value']:.5g}; {path}")
             self.rt.barrier()
             return path
-        if self.deepspeed:  # collective; written before the step file that makes the checkpoint count
+        if any(e.sharded for e in self.engines.values()):  # collective; before the step file that makes it count
             folder = ckpt.sharded_dir(ckpt.checkpoint_path(self.run_dir, self.step))
             for name, engine in self.engines.items():
-                engine.save_checkpoint(str(folder), tag=name, save_latest=False)
+                engine.save_sharded(folder, tag=name)
             self.rt.barrier()
         path = None
         if self.rt.is_main:
