@@ -31,7 +31,7 @@ from gensuite.distributed import (Runtime, StopRequest, node_name, player_engine
                                   seed_everything, set_rng_state)
 from gensuite.errors import ConfigError, DiskFull, GensuiteError, Interrupted, AlreadyReported, TrainingDiverged
 from gensuite.logger import RunLogger
-from gensuite.registry import Family, Networks, Player, get_family, sampling_mode
+from gensuite.registry import Family, GenerativeFamily, Networks, Player, get_family, sampling_mode
 
 
 @dataclass
@@ -197,9 +197,12 @@ class Trainer:
         nets = self.family.build_networks()
         frozen = self.family.frozen_networks()
         # Data-dependent initialisation, alike on every rank (the same stored-order batch), before
-        # EMA copies and DDP wrappers are made from the networks; a resume loads over it.
-        first = read_split(self.shard_dir, "train", self.plan.global_batch)
-        self.family.initialize(Networks(nets), first)
+        # EMA copies and DDP wrappers are made from the networks; a resume loads over it. Only a
+        # family that overrides the no-op reads the batch.
+        if type(self.family).initialize is not GenerativeFamily.initialize:
+            first = read_split(self.shard_dir, "train", self.plan.global_batch,
+                               on_bad_sample=self.job.data.on_bad_sample)
+            self.family.initialize(Networks(nets), first)
         for name, source in frozen.items():
             source, name_there = source if isinstance(source, tuple) else (source, name)
             weights = load_network(source, name_there)

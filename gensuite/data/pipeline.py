@@ -269,13 +269,17 @@ def make_loader(stream: ShardStream, workers: int) -> DataLoader:
                       persistent_workers=False, prefetch_factor=4 if workers else None)
 
 
-def read_split(shard_dir: str | Path, split: str, limit: int, fields: set[str] | None = None) -> dict:
+def read_split(shard_dir: str | Path, split: str, limit: int, fields: set[str] | None = None,
+               on_bad_sample: str = "error") -> dict:
     """The first ``limit`` samples of a split in stored order, as one batch (reference images);
-    ``fields``: the extra fields to decode (None: all)."""
+    ``fields``: the extra fields to decode (None: all); ``on_bad_sample``: as the training stream's
+    (``skip`` leaves bad samples out, without counting them here)."""
     manifest = read_manifest(shard_dir)
     shape = tuple(manifest["shape"])
     raw = list(itertools.islice(read_shards(split_shards(manifest, shard_dir, split)), limit))
-    return decode_batch(raw, manifest["kind"], shape[0], shape, fields)
+    batch = decode_batch(raw, manifest["kind"], shape[0], shape, fields, on_bad_sample)
+    batch.pop(SKIPPED, None)
+    return batch
 
 
 def iterate_split(shard_dir: str | Path, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
