@@ -4,7 +4,7 @@
     python benchmarks/shapes_caption_match.py runs/stackgan_stage2_shapes [--n 500] [--seed 0]
 
 Draws ``n`` samples for random held-out test captions (the run's stored conditions) and reads the
-background colour, shape colour and position off the pixels (gensuite.evaluation.caption_match).
+background colour, shape colour and position off the pixels (gensuite/families/stackgan/caption_match.py).
 Prints the match rates of this stage (and of the frozen Stage I inside a Stage-II run), next to the
 same images scored against shuffled captions (chance level, measured in the same run).
 ``--n 10 --seed 0`` scores exactly the 10 captions of the run's ``captioned`` figure, and up to 20
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gensuite.evaluation.caption_match import caption_facts, caption_match, image_facts  # noqa: E402
+from gensuite.families.stackgan.caption_match import caption_facts, caption_match, image_facts  # noqa: E402
 from gensuite.sampling import load_run  # noqa: E402
 
 

@@ -61,6 +61,7 @@ def cmd_train(args) -> int:
 
 def cmd_summary(args) -> int:
     from gensuite.config import load_job
+    from gensuite.registry import get_family
     from gensuite.report import job_data_spec, network_summary
 
     job = load_job(args.job, args.overrides)
@@ -74,19 +75,25 @@ def cmd_summary(args) -> int:
     for name, info in report.items():
         print(f"\n== {name}: {info['parameters']:,} parameters ({info['trainable']:,} trainable)")
         print(info["architecture"])
-    print(f"\ntotal: {sum(i['parameters'] for i in report.values()):,} parameters")
+    total = sum(i['parameters'] for i in report.values())
+    paper = get_family(job.family).paper_parameters.get(job.flavor)
+    print(f"\ntotal: {total:,} parameters" + (f" ({total / 1e6:.1f}M; the paper: {paper})" if paper else ""))
     return 0
 
 
 def cmd_sample(args) -> int:
+    from gensuite.registry import SamplerChoice
     from gensuite.sampling import draw, load_run, save_samples
 
     run = load_run(args.run)
-    samples = draw(run, args.n, args.seed, args.label, args.text)
+    chosen = (args.sampler, args.steps, args.eta) != (None, None, None)
+    sampler = SamplerChoice(args.sampler, args.steps, args.eta) if chosen else None
+    samples = draw(run, args.n, args.seed, args.label, args.text, sampler)
     out = Path(args.out) if args.out else (
         Path(args.run) / "samples" / f"sample-step{run.step}-seed{args.seed}"
                                      f"{'' if args.label is None else f'-class{args.label}'}"
-                                     f"{'' if args.text is None else '-text'}.png"
+                                     f"{'' if args.text is None else '-text'}"
+                                     f"{'' if sampler is None else '-' + run.family.sampler.describe_short()}.png"
         if Path(args.run).is_dir() else Path("samples.png"))
     save_samples(samples, run.family, out)
     weights = "EMA" if any(run.networks.ema(n) is not run.networks[n] for n in run.networks) else "trained"
@@ -138,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="draw every sample for this caption (text-to-image runs whose text encoder "
                                   "can embed new text: hashing or sentence)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", help="models with several samplers (diffusion: ddpm, ddim, langevin)")
+    p.add_argument("--steps", type=int, help="sampler steps (DDIM: any number up to T; default: the run's)")
+    p.add_argument("--eta", type=float, help="DDIM's eta in [0, 1] (0: deterministic)")
     p.add_argument("--out", help="PNG to write (default RUN_DIR/samples/sample-step<N>-seed<S>.png)")
     p.set_defaults(func=cmd_sample)
 

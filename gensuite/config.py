@@ -251,6 +251,10 @@ class EvalConfig:
     classifier: Optional[str] = None  # run dir or checkpoint of a classifier job on the same data (clf_fid, cond_acc)
     n_samples: int = 10_000  # generated samples per evaluation (50,000 to compare with papers)
     inception_weights: Optional[str] = None  # InceptionV3 weights (else $GENSUITE_INCEPTION_WEIGHTS, hub cache)
+    # Models with several samplers (diffusion): which one the generated samples come from; None: the model's
+    sampler: Optional[str] = None  # ddpm, ddim, langevin
+    sampler_steps: Optional[int] = None  # DDIM steps
+    sampler_eta: Optional[float] = None  # DDIM's eta
 
     def __post_init__(self):
         _check(self.every is None or self.every >= 1, "eval.every", "must be >= 1 or null")
@@ -336,13 +340,14 @@ def job_from_dict(raw: dict) -> JobConfig:
     family = raw.get("family")
     if family is None:
         raise ConfigError("family", f"missing; choose one of {', '.join(sorted(known))}")
-    if isinstance(family, str) and ":" in family:  # module.path:ClassName, a family outside gensuite
-        from gensuite.registry import get_family
+    from gensuite.registry import get_family, installed_families
 
+    if isinstance(family, str) and (":" in family or family in installed_families()):  # outside gensuite
         known[family] = get_family(family)
     if family not in known:
         raise ConfigError("family", f"unknown family {family!r}{_did_you_mean(str(family), known)}; "
-                                    f"choose one of {', '.join(sorted(known))} (or module.path:ClassName)")
+                                    f"choose one of {', '.join(sorted(known))} (or module.path:ClassName, or an installed "
+                                    f"package's gensuite.families entry point)")
     cls = known[family]
     flavor = raw.get("flavor")
     if flavor not in cls.flavors:
@@ -365,9 +370,16 @@ def from_dict(cls: type, raw: Any, path: str) -> Any:
     return _convert(cls, raw, path)
 
 
+def closest(name: str, options, cutoff: float = 0.6) -> str | None:
+    """The option most like ``name``, ignoring case (players and networks are short names: G, D), or None."""
+    lower = {str(o).lower(): o for o in options}
+    match = difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=cutoff)
+    return lower[match[0]] if match else None
+
+
 def _did_you_mean(key: str, options) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]}?" if close else ""
+    close = closest(key, options)
+    return f"; did you mean {close}?" if close else ""
 
 
 def _join(path: str, key: str) -> str:

@@ -132,11 +132,19 @@ class Family(Protocol):
     held_out_conditions: ClassVar[int]  # eval-split samples handed to set_conditions; 0: none
     condition_fields: ClassVar[frozenset[str]]  # the extra batch fields set_conditions reads (e.g. captions)
     sampling_needs_gradients: ClassVar[bool]  # sample() differentiates (Langevin dynamics, score models)
+    initializes_from_data: ClassVar[bool]  # initialize() reads the first training batch (Glow's ActNorm)
+    paper_parameters: ClassVar[Mapping[str, str]]  # flavor -> the paper's parameter count (gensuite summary)
 
     cfg: Any  # the job's model section, as config_class
     data: DataSpec
 
     def __init__(self, cfg: Any, data: DataSpec) -> None: ...
+
+    @classmethod
+    def complete_config(cls, cfg: Any) -> Any:
+        """The model settings with whatever the family copies from other runs filled in (StackGAN
+        Stage II: its Stage-I generator's settings), before the run's ``config.yaml`` is written, so a
+        checkpoint rebuilds alone; a ``ConfigError`` when such a run is missing."""
 
     @property
     def conditional(self) -> bool:
@@ -179,7 +187,8 @@ class Family(Protocol):
     def initialize(self, nets: Networks, batch: Batch) -> None:
         """Data-dependent initialisation (Glow's ActNorm) before the first step, from the first
         ``train.batch_size`` training samples in stored order (the same batch on every rank, so every
-        rank initialises alike); a resumed run then loads its checkpoint over it."""
+        rank initialises alike); a resumed run then loads its checkpoint over it. Called only when
+        ``initializes_from_data`` is set."""
 
     def after_step(self, player: str, nets: Networks, step: int) -> None:
         """After each optimiser step of ``player``, without gradients (WGAN's weight clipping)."""
@@ -228,6 +237,36 @@ class TextConditioned(Protocol):
         """``fixed`` inputs that draw every sample for the (1, T) text ``embedding``."""
 
 
+@dataclass(frozen=True)
+class SamplerChoice:
+    """Which of a family's samplers draws, with how many steps and how much noise (None: keep)."""
+
+    name: str | None = None
+    steps: int | None = None  # 0: the model's full number of steps
+    eta: float | None = None  # DDIM's η: 0 deterministic, 1 ancestral
+
+    def describe(self) -> str:
+        if self.name == "ddim":
+            return f"ddim, {self.steps or 'all'} steps, η={self.eta:g}"
+        return f"{self.name}"
+
+    def describe_short(self) -> str:
+        """For file names: ddim50-eta0, ddpm."""
+        return f"ddim{self.steps or 'all'}-eta{self.eta:g}" if self.name == "ddim" else f"{self.name}"
+
+
+@runtime_checkable
+class HasSamplers(Protocol):
+    """Several samplers, chosen at sampling time (``gensuite sample --sampler NAME --steps S --eta E``,
+    ``eval.sampler``): a diffusion model's DDPM, DDIM and Langevin samplers."""
+
+    samplers: tuple[str, ...]  # the names this model accepts
+    sampler: SamplerChoice  # the one in use
+
+    def use_sampler(self, choice: SamplerChoice) -> None:
+        """Draw with ``choice`` from now on (a one-line error when the model cannot)."""
+
+
 def per_sample_normal(seeds: torch.Tensor, *shape: int) -> torch.Tensor:
     """(len(seeds), *shape) standard normals, row i from its own generator seeded with seeds[i]."""
     return torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
@@ -244,11 +283,17 @@ class GenerativeFamily:
     held_out_conditions: ClassVar[int] = 0
     condition_fields: ClassVar[frozenset[str]] = frozenset()
     sampling_needs_gradients: ClassVar[bool] = False
+    initializes_from_data: ClassVar[bool] = False
+    paper_parameters: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, cfg: Any, data: DataSpec) -> None:
         self.cfg = cfg
         self.data = data
         self._network_names: tuple[str, ...] = ()
+
+    @classmethod
+    def complete_config(cls, cfg: Any) -> Any:
+        return cfg
 
     @property
     def conditional(self) -> bool:
@@ -268,7 +313,16 @@ class GenerativeFamily:
         return {"samples": self.sample(nets, fixed)}
 
     def grid_nrow(self, n: int) -> int:
+        if self.conditional:  # one row per class (fixed_labels)
+            return max(1, n // self.data.num_classes)
         return max(1, round(n ** 0.5))
+
+    def fixed_labels(self, n: int) -> torch.Tensor:
+        """Labels for ``n`` fixed inputs: class-conditional families draw n // classes of each class
+        in order (one grid row per class), the others zeros."""
+        if self.conditional:
+            return torch.arange(self.data.num_classes).repeat_interleave(max(1, n // self.data.num_classes))
+        return torch.zeros(n, dtype=torch.long)
 
     def frozen_networks(self) -> dict[str, str | tuple[str, str]]:
         return {}
@@ -321,24 +375,52 @@ def families() -> dict[str, type]:
     return dict(_FAMILIES)
 
 
+ENTRY_POINT_GROUP = "gensuite.families"
+
+
+def installed_families() -> dict[str, str]:
+    """Families that installed packages declare in the ``gensuite.families`` entry-point group:
+    name -> ``module.path:ClassName`` (not imported until a job names one)."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
 def get_family(name: str) -> type:
-    """A registered family, or ``module.path:ClassName`` of a family outside gensuite (imported on
-    first use; the class needs the contract's attributes, e.g. by subclassing GenerativeFamily)."""
+    """A registered family, an installed package's (entry point ``gensuite.families``), or
+    ``module.path:ClassName`` of a family outside gensuite (imported on first use; the class needs
+    the contract's attributes, e.g. by subclassing GenerativeFamily)."""
     known = families()
     if name in known:
         return known[name]
-    cls = import_family(name)
+    installed = installed_families()
+    cls = import_family(installed[name], f"entry point {name}") if name in installed else import_family(name)
     _FAMILIES[name] = cls
     return cls
 
 
-def import_family(spec: str) -> type:
+def complete_job(job, inputs_required: bool = True):
+    """The job with the model settings its family copies from other runs (``complete_config``); with
+    ``inputs_required`` off, a missing run leaves them as they are (``gensuite summary`` before Stage I)."""
+    from gensuite.errors import ConfigError
+
+    try:
+        return dataclasses.replace(job, model=get_family(job.family).complete_config(job.model))
+    except ConfigError:
+        if inputs_required:
+            raise
+        return job
+
+
+def import_family(spec: str, declared_by: str = "") -> type:
     """``module.path:ClassName`` -> the class, or a one-line error naming what is missing."""
     import importlib
 
     from gensuite.errors import ConfigError
 
     module_name, _, class_name = spec.partition(":")
+    if declared_by:  # an installed package's entry point: say which, so the user knows what to reinstall
+        spec = f"{spec} ({declared_by} of group {ENTRY_POINT_GROUP})"
     if not module_name or not class_name:
         raise ConfigError("family", f"{spec!r}: a family outside gensuite is named module.path:ClassName")
     try:

@@ -10,7 +10,8 @@ import torch
 from gensuite import checkpoint as ckpt
 from gensuite.config import JobConfig, job_from_dict
 from gensuite.errors import GensuiteError
-from gensuite.registry import DataSpec, Family, Networks, TextConditioned, get_family, sampling_mode
+from gensuite.registry import (DataSpec, Family, HasSamplers, Networks, SamplerChoice, TextConditioned,
+                               get_family, sampling_mode)
 
 
 @dataclass
@@ -50,9 +51,12 @@ def load_run(source: str | Path, device: str = "cpu") -> TrainedRun:
     return TrainedRun(job, family, Networks(modules, ema), state["step"], path)
 
 
-def draw(run: TrainedRun, n: int, seed: int = 0, label: int | None = None, text: str | None = None) -> torch.Tensor:
+def draw(run: TrainedRun, n: int, seed: int = 0, label: int | None = None, text: str | None = None,
+         sampler: SamplerChoice | None = None) -> torch.Tensor:
     """``n`` samples from the run's sampler (fixed inputs drawn from ``seed``; all of class ``label``;
-    all for the caption ``text``)."""
+    all for the caption ``text``; with another of the model's samplers)."""
+    if sampler is not None:
+        use_sampler(run.family, sampler, f"{run.job.family}/{run.job.flavor} run")
     asked = n
     while True:  # class-conditional families draw n // classes per class: ask until there are n
         fixed = run.family.fixed_inputs(asked, torch.Generator().manual_seed(seed))
@@ -72,6 +76,14 @@ def draw(run: TrainedRun, n: int, seed: int = 0, label: int | None = None, text:
         fixed = run.family.with_text(fixed, embed_text(run, text))
     with sampling_mode(run.family):
         return run.family.sample(run.networks, fixed)
+
+
+def use_sampler(family: Family, choice: SamplerChoice, what: str) -> None:
+    """Switch ``family`` to the chosen sampler, or a one-line error when it has only one."""
+    if not isinstance(family, HasSamplers):
+        raise GensuiteError(f"--sampler/--steps/--eta: this {what} has one sampler; they apply to models with "
+                            f"several (diffusion)")
+    family.use_sampler(choice)
 
 
 def embed_text(run: TrainedRun, text: str) -> torch.Tensor:

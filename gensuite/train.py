@@ -34,4 +34,6 @@ if __name__ == "__main__":
         from gensuite.distributed import run_ranks
 
         sys.exit(run_ranks(ranks, ["-m", "gensuite.train", *sys.argv[1:]]))
-    sys.exit(main(["train", *sys.argv[1:]]))
+    from gensuite.distributed import exit_rank
+
+    exit_rank(main(["train", *sys.argv[1:]]))

@@ -24,14 +24,14 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import gensuite
 from gensuite import checkpoint as ckpt
 from gensuite import evaluation
-from gensuite.config import JobConfig, OptimizerSpec, dump_yaml
+from gensuite.config import JobConfig, OptimizerSpec, closest, dump_yaml
 from gensuite.data.pipeline import SKIPPED, ShardStream, make_loader, read_split, split_shards, worker_error_message
 from gensuite.data.shards import data_spec, open_shard_set
 from gensuite.distributed import (Runtime, StopRequest, node_name, player_engine, prepare_networks, rng_state,
                                   seed_everything, set_rng_state)
 from gensuite.errors import ConfigError, DiskFull, GensuiteError, Interrupted, AlreadyReported, TrainingDiverged
 from gensuite.logger import RunLogger
-from gensuite.registry import Family, GenerativeFamily, Networks, Player, get_family, sampling_mode
+from gensuite.registry import Family, Networks, Player, complete_job, get_family, sampling_mode
 
 
 @dataclass
@@ -63,6 +63,7 @@ class JobPlan:
     ``gensuite validate``, the launcher's preflight and the trainer build it the same way, so a job
     that validates is not refused by the trainer before its first step."""
 
+    job: JobConfig  # with the settings the family copies from other runs filled in (complete_config)
     family: Family
     players: list[Player]
     batch: BatchPlan
@@ -70,18 +71,13 @@ class JobPlan:
 
     @classmethod
     def of(cls, job: JobConfig, spec, world_size: int, inputs_required: bool = True) -> JobPlan:
-        """``inputs_required``: the runs frozen networks come from must exist (not yet for
-        ``gensuite validate`` without ``--data``)."""
+        """``inputs_required``: the runs the family copies settings or frozen networks from must exist
+        (not yet for ``gensuite validate`` without ``--data``)."""
+        job = complete_job(job, inputs_required)
         family: Family = get_family(job.family)(job.model, spec)
         players = family.players()
         batch = BatchPlan.of(job, world_size)
-        try:
-            frozen = list(family.frozen_networks())
-        except ConfigError:
-            if inputs_required:
-                raise
-            frozen = []
-        networks = [n for p in players for n in p.networks] + frozen
+        networks = [n for p in players for n in p.networks] + list(family.frozen_networks())
         for name, overrides in job.optim.players.items():
             if name not in {p.name for p in players}:
                 raise ConfigError(f"optim.players.{name}", f"no such player{_close(name, [p.name for p in players])}; "
@@ -101,15 +97,12 @@ class JobPlan:
             if per_epoch < 1:
                 raise ConfigError("train.batch_size", f"{batch.global_batch} exceeds the {train_samples} training "
                                                       f"samples of {spec.dataset}; use at most {train_samples}")
-        return cls(family, players, batch, per_epoch)
+        return cls(job, family, players, batch, per_epoch)
 
 
 def _close(name: str, options: list[str]) -> str:
-    import difflib
-
-    lower = {o.lower(): o for o in options}  # players and networks are short upper-case names: G, D
-    match = difflib.get_close_matches(name.lower(), list(lower), n=1, cutoff=0.5)
-    return f" (did you mean {lower[match[0]]}?)" if match else ""
+    match = closest(name, options, cutoff=0.5)
+    return f" (did you mean {match}?)" if match else ""
 
 
 def build_optimizer(params: list[nn.Parameter], spec: OptimizerSpec) -> torch.optim.Optimizer:
@@ -161,6 +154,7 @@ class Trainer:
         self.manifest = open_shard_set(self.shard_dir)  # every shard checked against its sha256
         self.spec = data_spec(self.manifest)
         planned = JobPlan.of(job, self.spec, self.rt.world_size)
+        self.job = planned.job
         self.family: Family = planned.family
         self.plan = planned.batch
         self.players: list[Player] = planned.players
@@ -197,9 +191,8 @@ class Trainer:
         nets = self.family.build_networks()
         frozen = self.family.frozen_networks()
         # Data-dependent initialisation, alike on every rank (the same stored-order batch), before
-        # EMA copies and DDP wrappers are made from the networks; a resume loads over it. Only a
-        # family that overrides the no-op reads the batch.
-        if type(self.family).initialize is not GenerativeFamily.initialize:
+        # EMA copies and DDP wrappers are made from the networks; a resume loads over it.
+        if self.family.initializes_from_data:
             first = read_split(self.shard_dir, "train", self.plan.global_batch,
                                on_bad_sample=self.job.data.on_bad_sample)
             self.family.initialize(Networks(nets), first)
@@ -478,8 +471,7 @@ class Trainer:
                 m.train(modes[n])
         first, self.protocol_logged = not self.protocol_logged, True
         with self.rank0_writes():
-            self.logger.eval_values(self.step, values,
-                                    "\n\n".join(m.describe(ctx) for m in self.metrics) if first else None)
+            self.logger.eval_values(self.step, values, evaluation.protocol(self.metrics, ctx) if first else None)
         name = self.job.eval.best
         if name is not None:
             better = evaluation.higher_is_better(self.metrics, self.family, name)
@@ -616,7 +608,7 @@ def train(job: JobConfig, run_dir: str | Path, stop: StopRequest | None = None) 
         trainer = Trainer(job, run_dir, runtime, stop)
         if runtime.is_main:  # only now: a job its checkpoints refuse leaves the run's config.yaml as it was
             with trainer.rank0_writes():
-                ckpt.atomic_write_text(run_dir / "config.yaml", dump_yaml(job))
+                ckpt.atomic_write_text(run_dir / "config.yaml", dump_yaml(trainer.job))
                 ckpt.atomic_write_text(run_dir / "architecture.txt",
                                        architecture_text(trainer.bare, trainer.family.frozen_networks()))
         try:

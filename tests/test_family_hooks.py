@@ -60,6 +60,8 @@ class ToyGaussian(GenerativeFamily):
     def build_networks(self):
         return {"density": Density()}
 
+    initializes_from_data = True
+
     def initialize(self, nets, batch):
         nets["density"].data_mean.copy_(batch["x"].mean(0))
 
@@ -146,6 +148,32 @@ def test_an_external_family_names_what_is_missing(toy):
         job_from_dict({"family": "toyfam:Density", "flavor": "debug"})
     with pytest.raises(ConfigError, match=r"^family: 'missing_module:X': cannot import missing_module"):
         job_from_dict({"family": "missing_module:X", "flavor": "debug"})
+
+
+def test_an_installed_package_declares_a_family_by_entry_point(shard_root, toy, tmp_path):
+    """What ``pip install`` of a package with ``[project.entry-points."gensuite.families"]`` leaves on
+    sys.path: a dist-info folder whose entry_points.txt names the class. A job names the family by the
+    entry point's name, and its checkpoint rebuilds through it."""
+    from gensuite.config import job_from_dict
+    from gensuite.errors import ConfigError
+    from gensuite.registry import installed_families
+    from gensuite.sampling import draw, load_run
+    from gensuite.trainer import train
+
+    info = toy / "toyfam-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toyfam\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[gensuite.families]\ntoy_gaussian = toyfam:ToyGaussian\n"
+                                           "toy_broken = toyfam:Nope\n")
+    assert installed_families() == {"toy_gaussian": "toyfam:ToyGaussian", "toy_broken": "toyfam:Nope"}
+    job = job_from_dict({**toy_job(shard_root, steps=2), "family": "toy_gaussian"})
+    train(job, tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    assert type(run.family).__name__ == "ToyGaussian" and run.job.family == "toy_gaussian"
+    assert draw(run, 4, seed=1).shape == (4, 2)
+    with pytest.raises(ConfigError, match=r"^family: 'toyfam:Nope \(entry point toy_broken of group "
+                                          r"gensuite.families\)': toyfam has no Nope$"):
+        job_from_dict({"family": "toy_broken", "flavor": "debug"})
 
 
 @pytest.mark.slow

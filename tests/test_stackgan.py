@@ -166,7 +166,7 @@ def test_caption_match_reads_real_shapes_exactly_and_rejects_other_captions(shar
     """The pixel judge behind benchmarks/shapes_caption_match.py: every real test image matches each
     of its 10 captions; against another image's caption the rates fall to chance."""
     from gensuite.data.pipeline import read_split
-    from gensuite.evaluation.caption_match import caption_facts, caption_match
+    from gensuite.families.stackgan.caption_match import caption_facts, caption_match
 
     batch = read_split(shard_root / "shapes", "test", 24)
     view = batch["x"][:, :, 3:35, 3:35]  # the 64/76 centre view of the 38 px images
@@ -177,6 +177,47 @@ def test_caption_match_reads_real_shapes_exactly_and_rejects_other_captions(shar
     assert shifted["all"] < 0.2 and shifted["background"] < 0.6
     assert caption_facts("the cross is blue and small, it sits near the top right and the background is white") == \
         {"background": "white", "shape": "blue", "position": "top right"}
+
+
+def test_caption_match_is_a_registered_metric_of_stackgan_on_shapes_summed_over_ranks(shard_root):
+    """The metric the stackgan folder registers: samples that are the held-out images their captions
+    describe score 1.0 against their own captions and chance against the next sample's; two ranks'
+    shares add up to the single-process counts; it applies to StackGAN on shapes only."""
+    from gensuite import evaluation
+    from gensuite.config import EvalConfig
+    from gensuite.data.pipeline import read_split
+    from gensuite.data.shards import data_spec, open_shard_set
+    from gensuite.families.stackgan.caption_match import compute
+    from gensuite.registry import Networks
+
+    shapes = data_spec(open_shard_set(shard_root / "shapes"))
+    family = StackGAN(StackGANConfig(stage=1, z_dim=4, c_dim=4, ngf=8, ndf=4, stage1_upsamples=2), shapes)
+    held_out = read_split(shard_root / "shapes", "test", 24)
+    family.set_conditions(held_out)
+    real = held_out["x"][:, :, 3:35, 3:35]  # the 64/76 centre view the generators learn
+    family.sample = lambda nets, fixed: real[fixed["caption"] // 10]  # the image each caption describes
+    cfg = EvalConfig(metrics=["caption_match"], n_samples=40, batch_size=16)
+    assert [m.name for m in evaluation.resolve(cfg, family)] == ["caption_match"]
+    assert "caption_match" in [m.name for m in evaluation.resolve(EvalConfig(), family)]
+    ctx = evaluation.EvalContext(family, Networks({}), shard_root / "shapes", cfg, torch.device("cpu"))
+    whole = compute(ctx)
+    assert {whole[f"caption_{k}"] for k in ("background", "shape", "position", "all")} == {1.0}
+    assert whole["caption_chance_all"] < 0.2
+
+    # Two ranks: each scores its chunks; the counts add (float64 sums of integers: exact).
+    parts = []
+    for rank in (0, 1):
+        rank_ctx = evaluation.EvalContext(family, Networks({}), shard_root / "shapes", cfg, torch.device("cpu"),
+                                          rank=rank, world_size=2,
+                                          sum_across_ranks=lambda t: parts.append(t.clone()) or t)
+        compute(rank_ctx)
+    total = parts[0] + parts[1]
+    assert total[-1] == 40 and whole["caption_chance_all"] == float(total[7]) / 40
+
+    digits = data_spec(open_shard_set(shard_root / "digits"))
+    from gensuite.families.gan import GAN
+
+    assert "caption_match" not in [m.name for m in evaluation.resolve(EvalConfig(), GAN(GAN.config_class(), digits))]
 
 
 def test_unit_norm_text_embeddings_are_rescaled_and_char_cnn_rnn_ones_are_not():

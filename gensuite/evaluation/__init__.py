@@ -11,15 +11,18 @@ single-process result up to float64 rounding.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import math
+
 import torch
 
 from gensuite.config import EvalConfig
-from gensuite.errors import ConfigError
-from gensuite.registry import Family, Networks
+from gensuite.errors import ConfigError, GensuiteError
+from gensuite.registry import Family, HasSamplers, Networks, SamplerChoice, sampling_mode
 
 
 @dataclass
@@ -60,9 +63,37 @@ def _load_builtin() -> None:
     from gensuite.evaluation import classification, inception, judged, likelihood  # noqa: F401  (register their metrics)
 
 
+def sampler_choice(cfg: EvalConfig) -> SamplerChoice | None:
+    chosen = (cfg.sampler, cfg.sampler_steps, cfg.sampler_eta)
+    return None if chosen == (None, None, None) else SamplerChoice(*chosen)
+
+
+@contextlib.contextmanager
+def evaluation_sampler(cfg: EvalConfig, family: Family):
+    """The family draws with ``eval.sampler`` (steps, eta) inside, and with its own sampler again after."""
+    choice = sampler_choice(cfg)
+    if choice is None:
+        yield
+        return
+    if not isinstance(family, HasSamplers):
+        raise ConfigError("eval.sampler", f"the {family.name} family has one sampler; remove eval.sampler, "
+                                          f"eval.sampler_steps and eval.sampler_eta")
+    before = family.sampler
+    try:
+        family.use_sampler(choice)
+    except GensuiteError as e:
+        raise ConfigError("eval.sampler", str(e).removeprefix("--sampler: ").removeprefix("--steps: ")) from None
+    try:
+        yield
+    finally:
+        family.sampler = before
+
+
 def resolve(cfg: EvalConfig, family: Family) -> list[Metric]:
     """The job's metrics (or every metric that applies to the family), checked against the family."""
     _load_builtin()
+    with evaluation_sampler(cfg, family):  # refused before the first step, not at the first evaluation
+        pass
     if cfg.metrics is None:  # every metric that applies and whose inputs the job provides
         chosen = [m for m in METRICS.values() if m.applies(family) and m.needs(cfg) is None]
     else:
@@ -93,6 +124,15 @@ def skipped(cfg: EvalConfig, family: Family) -> list[str]:
     return [f"{m.name}: needs {m.needs(cfg)}" for m in METRICS.values() if m.applies(family) and m.needs(cfg)]
 
 
+def protocol(metrics: list[Metric], ctx: EvalContext) -> str:
+    """What the metrics measure, as logged beside their values (``eval/protocol``)."""
+    text = "\n\n".join(m.describe(ctx) for m in metrics)
+    with evaluation_sampler(ctx.cfg, ctx.family):
+        if isinstance(ctx.family, HasSamplers):
+            text += f"\n\ngenerated samples drawn with {ctx.family.sampler.describe()}"
+    return text
+
+
 def higher_is_better(metrics: list[Metric], family: Family, value: str) -> bool:
     return next(m.values_for(family)[value] for m in metrics if value in m.values_for(family))
 
@@ -100,6 +140,22 @@ def higher_is_better(metrics: list[Metric], family: Family, value: str) -> bool:
 def evaluate(metrics: list[Metric], ctx: EvalContext) -> dict[str, Any]:
     """Every metric's values (floats) and figures (matplotlib), by name."""
     results: dict[str, Any] = {}
-    for metric in metrics:
-        results.update(metric.compute(ctx))
+    with evaluation_sampler(ctx.cfg, ctx.family):
+        for metric in metrics:
+            results.update(metric.compute(ctx))
     return results
+
+
+def generated_samples(ctx: EvalContext):
+    """(index of the first sample, samples, fixed inputs) of this rank's share of ``eval.n_samples``:
+    chunk j of the sample stream comes from seed (eval.seed, j) and goes to rank j mod world size, so
+    the set of samples does not depend on the number of ranks."""
+    family, cfg = ctx.family, ctx.cfg
+    per_chunk = len(next(iter(family.fixed_inputs(cfg.batch_size, torch.Generator().manual_seed(0)).values())))
+    for j in range(ctx.rank, math.ceil(cfg.n_samples / per_chunk), ctx.world_size):
+        fixed = family.fixed_inputs(cfg.batch_size, torch.Generator().manual_seed(cfg.seed * 7919 + j))
+        take = min(per_chunk, cfg.n_samples - j * per_chunk)
+        fixed = {k: v[:take].to(ctx.device) for k, v in fixed.items()}
+        with sampling_mode(family):
+            samples = family.sample(ctx.nets, fixed)
+        yield j * per_chunk, samples, fixed

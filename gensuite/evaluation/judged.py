@@ -9,7 +9,6 @@ as k, with the confusion matrix of generated samples.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -17,9 +16,9 @@ from torch import nn
 
 from gensuite.data.pipeline import iterate_split
 from gensuite.errors import ConfigError
-from gensuite.evaluation import EvalContext, Metric, register_metric
+from gensuite.evaluation import EvalContext, Metric, generated_samples, register_metric
 from gensuite.evaluation.classification import confusion_figure
-from gensuite.registry import Classifies, sampling_mode
+from gensuite.registry import Classifies
 
 _JUDGES: dict[tuple[str, str], object] = {}
 
@@ -58,18 +57,10 @@ class _PenultimateFeatures(nn.Module):
 
 
 def generated(ctx: EvalContext, with_start: bool = False):
-    """(samples, labels or None) of this rank's share of ``eval.n_samples``: chunk j of the sample
-    stream comes from seed (eval.seed, j) and goes to rank j mod world size, so the set of samples
-    does not depend on the number of ranks. ``with_start``: (index of the first sample, samples, labels)."""
-    family, cfg = ctx.family, ctx.cfg
-    per_chunk = len(next(iter(family.fixed_inputs(cfg.batch_size, torch.Generator().manual_seed(0)).values())))
-    for j in range(ctx.rank, math.ceil(cfg.n_samples / per_chunk), ctx.world_size):
-        fixed = family.fixed_inputs(cfg.batch_size, torch.Generator().manual_seed(cfg.seed * 7919 + j))
-        take = min(per_chunk, cfg.n_samples - j * per_chunk)
-        fixed = {k: v[:take].to(ctx.device) for k, v in fixed.items()}
-        with sampling_mode(family):
-            samples = family.sample(ctx.nets, fixed)
-        yield (j * per_chunk, samples, fixed.get("y")) if with_start else (samples, fixed.get("y"))
+    """(samples, labels or None) of this rank's share of ``eval.n_samples`` (``generated_samples``);
+    ``with_start``: (index of the first sample, samples, labels)."""
+    for start, samples, fixed in generated_samples(ctx):
+        yield (start, samples, fixed.get("y")) if with_start else (samples, fixed.get("y"))
 
 
 @torch.no_grad()

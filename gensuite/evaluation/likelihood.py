@@ -44,5 +44,5 @@ def describe(ctx: EvalContext) -> str:
             f"{ctx.cfg.seed}")
 
 
-register_metric(Metric("likelihood", values, applies=lambda family: isinstance(family, HasLikelihood),
+register_metric(Metric("likelihood", values, applies=lambda family: isinstance(family, HasLikelihood) and bool(family.likelihood_values),
                        compute=compute, describe=describe))

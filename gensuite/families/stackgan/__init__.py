@@ -11,6 +11,7 @@ random (or the mean of ``embeddings_per_step`` of them).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +82,6 @@ class StackGANConfig:
 def stage1_settings(source: str) -> dict[str, Any]:
     """The Stage-I generator settings of a Stage-I run, or a one-line error naming the job to run."""
     from gensuite import checkpoint as ckpt
-    from gensuite.config import job_from_dict
 
     try:
         state = ckpt.load_checkpoint(ckpt.resolve_checkpoint(source))
@@ -92,8 +92,8 @@ def stage1_settings(source: str) -> dict[str, Any]:
     if config["family"] != "stackgan" or config["model"].get("stage") != 1:
         raise ConfigError("model.stage1", f"{source} is a {config['family']} run, not StackGAN Stage I; "
                                           f"point it at the run of {STAGE1_JOB}")
-    model = job_from_dict(config).model  # settings a run predates get their defaults
-    return {k: getattr(model, k) for k in STAGE1_KEYS}
+    model = config["model"]  # settings a run predates take their defaults
+    return {k: model.get(k, StackGANConfig.__dataclass_fields__[k].default) for k in STAGE1_KEYS}
 
 
 @register
@@ -110,18 +110,21 @@ class StackGAN(GenerativeFamily):
     held_out_conditions = 1000  # test images whose captions fixed inputs and evaluations draw from
     condition_fields = frozenset({"embeddings", "captions"})
 
+    @classmethod
+    def complete_config(cls, cfg: StackGANConfig) -> StackGANConfig:
+        """Stage II copies its Stage-I generator's settings from the Stage-I run once, into the
+        run's own config, so its checkpoints rebuild G1 without that run."""
+        if cfg.stage == 2 and not cfg.stage1_generator:
+            return dataclasses.replace(cfg, stage1_generator=stage1_settings(cfg.stage1))
+        return cfg
+
     def __init__(self, cfg: StackGANConfig, data):
         super().__init__(cfg, data)
         if "embeddings" not in data.fields:
             raise ConfigError("data.dataset", f"{data.dataset} has no text embeddings; StackGAN trains on "
                                               f"captioned shard sets: python shards/build.py shapes (or cub --src DIR)")
         self.text_dim = int(data.fields["embeddings"]["shape"][-1])
-        self.stage1_problem: ConfigError | None = None
-        if cfg.stage == 2 and not cfg.stage1_generator:
-            try:
-                cfg.stage1_generator = stage1_settings(cfg.stage1)
-            except ConfigError as e:  # `gensuite summary` still shows the networks; training stops on it
-                self.stage1_problem = e
+        # Without the Stage-I settings (gensuite summary before Stage I ran), G1 is shown with this job's.
         defaults = {k: StackGANConfig.__dataclass_fields__[k].default for k in STAGE1_KEYS}
         self.g1 = {**defaults, **cfg.stage1_generator} if cfg.stage1_generator else \
             {k: getattr(cfg, k) for k in STAGE1_KEYS}
@@ -153,8 +156,6 @@ class StackGAN(GenerativeFamily):
         return [Player("D", ("D",)), Player("G", ("G",), consumes_data=False)]
 
     def frozen_networks(self):
-        if self.stage1_problem is not None:
-            raise self.stage1_problem
         return {"G1": (self.cfg.stage1, "G")} if self.cfg.stage == 2 else {}
 
     def generate(self, nets: Networks, z: torch.Tensor, embedding: torch.Tensor, ema: bool = False):
@@ -318,3 +319,6 @@ def captioned_figure(captions: list[str], images: torch.Tensor, stage1: torch.Te
         axes[0][col].set_title(textwrap.fill(text, 22), fontsize=7)
     fig.tight_layout()
     return fig
+
+
+from gensuite.families.stackgan import caption_match  # noqa: E402,F401  (registers the caption_match metric)

@@ -121,17 +121,8 @@ class VAE(GenerativeFamily):
 
         return likelihood_bounds(log_px_given_z, mean, log_var, k, generator, eps)
 
-    def grid_nrow(self, n: int) -> int:
-        if self.cond_dim:
-            return max(1, n // self.data.num_classes)
-        return super().grid_nrow(n)
-
     def fixed_inputs(self, n: int, generator: torch.Generator):
-        if self.cond_dim:  # one row per class
-            per_class = max(1, n // self.data.num_classes)
-            y = torch.arange(self.data.num_classes).repeat_interleave(per_class)
-        else:
-            y = torch.zeros(n, dtype=torch.long)
+        y = self.fixed_labels(n)
         return {"z": torch.randn(len(y), self.cfg.latent_dim, generator=generator), "y": y}
 
     def sample(self, nets: Networks, fixed):
