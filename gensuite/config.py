@@ -121,7 +121,9 @@ class TrainConfig:
     micro_batch_size: Optional[int] = None  # per-rank forward size; smaller -> gradient accumulation
     seed: int = 0
     precision: Literal["no", "fp16", "bf16"] = "no"
-    resume: str = "auto"  # auto | never | PATH to a checkpoint file
+    # auto | never | PATH: a checkpoint file or run directory to start from; one at train.steps
+    # already is evaluated with this job's eval section (and grids), e.g. with another sampler
+    resume: str = "auto"
     log_every: int = 10
     sample_every: int = 200
     checkpoint_every: int = 500

@@ -252,9 +252,8 @@ class Trainer:
             if self.rt.is_main:
                 for kept in ckpt.set_aside_unreadable(skipped):
                     self.logger.info(f"warning: kept the unreadable checkpoint as {kept}; resuming from {path}")
-        else:
-            path = Path(resume)
-            state = ckpt.load_checkpoint(path)
+        else:  # a checkpoint file, or another run directory's newest checkpoint
+            path, state = ckpt.load_source(resume, lambda message: self.logger.info(f"warning: {message}"))
         saved = state["config"]
         for key in ("family", "flavor"):
             if saved[key] != getattr(self.job, key):
@@ -351,6 +350,7 @@ class Trainer:
         for name in self.family.frozen_networks():
             self.bare[name].eval()
         batches = None
+        started = self.step
         while self.step < self.total_steps:
             self.step += 1
             for player in self.players:
@@ -373,6 +373,12 @@ class Trainer:
                 self.save()
             if self._stopping():
                 self._stop_on_signal(saved)
+        if self.step == started and job.train.resume not in ("auto", "never"):
+            # Another run's finished checkpoint, resumed to be evaluated (e.g. with another sampler).
+            log.say(f"nothing to train: the checkpoint is at step {self.step} of {self.total_steps}; evaluating it")
+            self.log_visuals(fixed, reference)
+            if self.metrics:
+                self.run_evaluation()
         log.say(f"finished at step {self.step}; parameter checksum {self.parameter_checksum()}")
         with self.rank0_writes():
             metrics = log.finish(self.step)

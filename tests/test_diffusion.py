@@ -143,3 +143,51 @@ def test_summary_prints_hos_cifar10_network_size_next_to_the_papers():
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == \
         "total: 35,746,307 parameters (35.7M; the paper: 35.7M (Ho et al. 2020, table in appendix B))"
+
+
+def test_a_finished_run_is_evaluated_again_with_another_sampler(shard_root, ddpm_run, tmp_path):
+    """What each task of jobs/ddim_sampling_sweep.yaml does: resume another run's final checkpoint
+    with nothing left to train, and evaluate it with this job's sampler."""
+    from gensuite.trainer import train
+
+    run, first = ddpm_run
+    job = diffusion_job(shard_root).to_dict()
+    job["train"]["resume"] = str(run)
+    job["eval"].update(sampler="ddim", sampler_steps=5, sampler_eta=0.0)
+    metrics = train(job_from_dict(job), tmp_path / "ddim5")
+    assert metrics["final/eval/vlb"] == first["final/eval/vlb"]  # the same weights, seeds and samples
+    acc = EventAccumulator(str(tmp_path / "ddim5" / "tb"), size_guidance={"tensors": 0, "images": 0})
+    acc.Reload()
+    protocol = acc.Tensors("eval/protocol/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "generated samples drawn with ddim, 5 steps, η=0" in protocol
+    assert "figures/reverse_process" in acc.Tags()["images"]
+
+
+def test_classifier_free_guidance_draws_one_row_per_class_and_w0_is_the_conditional_model(shard_root):
+    from gensuite.data.shards import data_spec, open_shard_set
+    from gensuite.families.diffusion import Diffusion, DiffusionConfig
+    from gensuite.registry import Networks
+
+    spec = data_spec(open_shard_set(shard_root / "digits"))
+    cfg = DiffusionConfig(**{**Diffusion.flavors["debug"], "class_conditional": True, "sampler": "ddim",
+                             "sample_steps": 4})
+    family = Diffusion(cfg, spec)
+    torch.manual_seed(0)
+    nets = family.build_networks()
+    for p in nets["model"].parameters():  # away from the zero-initialised output, so labels matter
+        p.data.normal_(0, 0.05)
+    nets = Networks(nets)
+    fixed = family.fixed_inputs(20, torch.Generator().manual_seed(1))
+    assert fixed["y"].tolist() == [c for c in range(10) for _ in range(2)] and family.grid_nrow(20) == 2
+    plain = family.sample(nets, fixed)
+    model = nets["model"]
+    x_T, y = fixed["x_T"], fixed["y"]
+    t = torch.full((20,), 7)
+    by_hand = 3.0 * model(x_T, t, y) - 2.0 * model(x_T, t, torch.full_like(y, 10))  # w = 2, null class 10
+    family.cfg.guidance_scale = 2.0
+    guided_fn = family._model_fn(nets, y)
+    torch.testing.assert_close(guided_fn(x_T, t), by_hand, rtol=1e-5, atol=1e-6)  # one batch of 2N vs two of N
+    guided = family.sample(nets, fixed)
+    assert not torch.equal(plain, guided)
+    family.cfg.guidance_scale = 0.0
+    assert torch.equal(family.sample(nets, fixed), plain)
