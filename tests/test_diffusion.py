@@ -191,3 +191,17 @@ def test_classifier_free_guidance_draws_one_row_per_class_and_w0_is_the_conditio
     assert not torch.equal(plain, guided)
     family.cfg.guidance_scale = 0.0
     assert torch.equal(family.sample(nets, fixed), plain)
+
+
+def test_a_unet_that_does_not_fit_the_images_is_refused_with_the_fix(shard_root):
+    from gensuite.data.shards import data_spec, open_shard_set
+    from gensuite.families.diffusion import Diffusion, DiffusionConfig
+
+    spec = data_spec(open_shard_set(shard_root / "digits"))  # 16 px
+    debug = Diffusion.flavors["debug"]
+    with pytest.raises(ConfigError, match=r"^model.attention_resolutions: \[4\] is not a side of this U-Net on 16 px "
+                                          r"images \(its sides: 16, 8\); choose among those"):
+        Diffusion(DiffusionConfig(**{**debug, "attention_resolutions": [4]}), spec)
+    with pytest.raises(ConfigError, match=r"^model.channel_mults: 6 levels halve the side 5 times; 16 px is not "
+                                          r"divisible by 32; rebuild the shards with: python shards/build.py digits"):
+        Diffusion(DiffusionConfig(**{**debug, "channel_mults": [1] * 6}), spec)

@@ -114,9 +114,19 @@ class Diffusion(GenerativeFamily):
         if data.kind != "image":
             raise ConfigError("data.dataset", f"the diffusion U-Net draws images; {data.dataset} holds {data.kind}")
         levels = len(cfg.channel_mults)
-        if data.image_size % 2 ** (levels - 1):
+        side = data.image_size
+        if side % 2 ** (levels - 1):
             raise ConfigError("model.channel_mults", f"{levels} levels halve the side {levels - 1} times; "
-                                                     f"{data.image_size} px is not divisible by {2 ** (levels - 1)}")
+                                                     f"{side} px is not divisible by {2 ** (levels - 1)}; rebuild "
+                                                     f"the shards with: python shards/build.py {data.dataset} --size 32 "
+                                                     f"(with --src DIR where it needs one)")
+        sides = [side // 2 ** i for i in range(levels)]
+        missing = [r for r in cfg.attention_resolutions if r not in sides]
+        if missing:  # attention at a side the U-Net never has would silently leave it out
+            raise ConfigError("model.attention_resolutions", f"{missing} is not a side of this U-Net on {side} px "
+                                                             f"images (its sides: {', '.join(map(str, sides))}); choose among those, "
+                                                             f"or rebuild the shards at the side the job was made for: "
+                                                             f"python shards/build.py {data.dataset} --size 32")
         if cfg.class_conditional and data.num_classes < 2:
             raise ConfigError("model.class_conditional", f"{data.dataset} has no class labels; set it to false")
         self.schedule = (NoiseSchedule.linear(cfg.timesteps, cfg.beta_start, cfg.beta_end) if cfg.schedule == "linear"
