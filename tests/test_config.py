@@ -181,3 +181,15 @@ def test_launch_defaults_and_derived_values():
 def test_deepspeed_stage_3_is_refused_with_a_fix():
     with pytest.raises(ConfigError, match="train.deepspeed.zero_stage: 3 is not supported; use 1"):
         _job(train={"steps": 4, "strategy": "deepspeed", "deepspeed": {"zero_stage": 3}})
+
+
+@pytest.mark.parametrize("family, key, value, message", [
+    ("vae", "decoder_hidden", [32, 0], "model.decoder_hidden: layer widths must be >= 1"),
+    ("vae", "conv_channels", [0], "model.conv_channels: layer widths must be >= 1"),
+    ("stackgan", "res_blocks", -1, "model.res_blocks: must be >= 0"),
+    ("diffusion", "timesteps", 0, "model.timesteps: must be >= 1"),
+])
+def test_a_bad_model_setting_is_named_exactly(family, key, value, message):
+    with pytest.raises(ConfigError) as caught:
+        job_from_dict({"family": family, "flavor": "debug", "model": {key: value}})
+    assert str(caught.value) == message

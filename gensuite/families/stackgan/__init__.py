@@ -71,8 +71,10 @@ class StackGANConfig:
         for name in ("z_dim", "c_dim", "ngf", "ndf", "embeddings_per_step"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name}", "must be >= 1")
-        if self.stage1_upsamples < 1 or self.res_blocks < 0:
-            raise ConfigError("model.stage1_upsamples", "needs stage1_upsamples >= 1 and res_blocks >= 0")
+        if self.stage1_upsamples < 1:
+            raise ConfigError("model.stage1_upsamples", "must be >= 1")
+        if self.res_blocks < 0:
+            raise ConfigError("model.res_blocks", "must be >= 0")
         if self.ngf % 4:
             raise ConfigError("model.ngf", f"must be a multiple of 4 (Stage II narrows to ngf/4), got {self.ngf}")
         if self.kl_weight < 0:

@@ -36,8 +36,9 @@ class VAEConfig:
             raise ConfigError("model.beta", "must be >= 0")
         if self.fixed_std <= 0:
             raise ConfigError("model.fixed_std", "must be > 0")
-        if any(w < 1 for w in [*self.hidden, *self.conv_channels, *self.decoder_hidden]):
-            raise ConfigError("model.hidden", "layer widths must be >= 1")
+        for name in ("hidden", "conv_channels", "decoder_hidden"):
+            if any(w < 1 for w in getattr(self, name)):
+                raise ConfigError(f"model.{name}", "layer widths must be >= 1")
         if self.variance == "learned" and self.likelihood != "gaussian":
             raise ConfigError("model.variance", "a learned variance needs likelihood: gaussian")
 
