@@ -96,6 +96,9 @@ class OptimConfig(OptimizerSpec):
 class EmaConfig:
     networks: list[str] = field(default_factory=list)  # e.g. [G]; sampled from in grids
     decay: float = 0.999
+    # min(decay, (1 + n) / (10 + n)) at update n: a short run's average is not dominated by the
+    # initial weights (a zero-initialised diffusion output would otherwise linger ~ decay^n)
+    warmup: bool = False
 
     def __post_init__(self):
         _check(0 < self.decay < 1, "train.ema.decay", "must be in (0, 1)")

@@ -213,7 +213,7 @@ class Trainer:
             raise RuntimeError(f"family {self.job.family}: networks {orphans} belong to no player")
         self.bare = nets  # unwrapped modules: checkpoints, frozen views, sampling
         self.ema = {
-            n: AveragedModel(nets[n], multi_avg_fn=get_ema_multi_avg_fn(self.job.train.ema.decay), use_buffers=True)
+            n: AveragedModel(nets[n], multi_avg_fn=self._ema_average(), use_buffers=True)
             .to(self.rt.device).eval()
             for n in self.job.train.ema.networks
         }
@@ -486,6 +486,22 @@ class Trainer:
                 self.best = {"value": values[name], "step": self.step}
                 self.save(best=True)
         return values
+
+    def _ema_average(self):
+        ema = self.job.train.ema
+        if not ema.warmup:
+            return get_ema_multi_avg_fn(ema.decay)
+
+        @torch.no_grad()
+        def warmed(averages: list[torch.Tensor], current: list[torch.Tensor], _count) -> None:
+            n = self.step - 1  # updates before this one (the first copies the weights)
+            decay = min(ema.decay, (1 + n) / (10 + n))
+            if torch.is_floating_point(averages[0]):
+                torch._foreach_lerp_(averages, current, 1.0 - decay)
+            else:  # integer buffers (BatchNorm's batch count), as torch's own EMA function treats them
+                for average, now in zip(averages, current):
+                    average.copy_(average * decay + now * (1 - decay))
+        return warmed
 
     def update_ema(self) -> None:
         for name, avg in self.ema.items():

@@ -292,3 +292,27 @@ def test_frozen_networks_load_from_another_runs_checkpoint(shard_root, tmp_path)
 
     with pytest.raises(GensuiteError, match="has no network 'H'"):
         load_network(str(tmp_path), "H")
+
+
+def test_ema_warmup_follows_its_formula():
+    """train.ema.warmup: decay_n = min(decay, (1 + n) / (10 + n)) at the update after n earlier ones."""
+    from types import SimpleNamespace
+
+    from torch.optim.swa_utils import AveragedModel
+
+    from gensuite.config import EmaConfig
+    from gensuite.trainer import Trainer
+
+    host = SimpleNamespace(job=SimpleNamespace(train=SimpleNamespace(ema=EmaConfig(decay=0.99, warmup=True))), step=0)
+    net = torch.nn.Linear(1, 1, bias=False)
+    avg = AveragedModel(net, multi_avg_fn=Trainer._ema_average(host), use_buffers=True)
+    expected = None
+    for step in range(1, 40):
+        host.step = step
+        net.weight.data.fill_(float(step))
+        avg.update_parameters(net)
+        n = step - 1
+        decay = min(0.99, (1 + n) / (10 + n))
+        expected = float(step) if step == 1 else decay * expected + (1 - decay) * float(step)
+        # float32 lerps vs a float64 recursion: at most 39 roundings of ~6e-8 relative each
+        assert avg.module.weight.item() == pytest.approx(expected, rel=39 * 6e-8)
