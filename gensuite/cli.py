@@ -86,8 +86,7 @@ def cmd_sample(args) -> int:
     from gensuite.sampling import draw, load_run, save_samples
 
     run = load_run(args.run)
-    chosen = (args.sampler, args.steps, args.eta) != (None, None, None)
-    sampler = SamplerChoice(args.sampler, args.steps, args.eta) if chosen else None
+    sampler = SamplerChoice.given(args.sampler, args.steps, args.eta)
     samples = draw(run, args.n, args.seed, args.label, args.text, sampler)
     out = Path(args.out) if args.out else (
         Path(args.run) / "samples" / f"sample-step{run.step}-seed{args.seed}"

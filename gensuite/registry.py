@@ -245,6 +245,11 @@ class SamplerChoice:
     steps: int | None = None  # 0: the model's full number of steps
     eta: float | None = None  # DDIM's η: 0 deterministic, 1 ancestral
 
+    @classmethod
+    def given(cls, name: str | None, steps: int | None, eta: float | None) -> SamplerChoice | None:
+        """The choice these optional settings make, or None when none is set."""
+        return None if (name, steps, eta) == (None, None, None) else cls(name, steps, eta)
+
     def describe(self) -> str:
         if self.name == "ddim":
             return f"ddim, {self.steps or 'all'} steps, η={self.eta:g}"

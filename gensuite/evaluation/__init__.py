@@ -63,15 +63,10 @@ def _load_builtin() -> None:
     from gensuite.evaluation import classification, inception, judged, likelihood  # noqa: F401  (register their metrics)
 
 
-def sampler_choice(cfg: EvalConfig) -> SamplerChoice | None:
-    chosen = (cfg.sampler, cfg.sampler_steps, cfg.sampler_eta)
-    return None if chosen == (None, None, None) else SamplerChoice(*chosen)
-
-
 @contextlib.contextmanager
 def evaluation_sampler(cfg: EvalConfig, family: Family):
     """The family draws with ``eval.sampler`` (steps, eta) inside, and with its own sampler again after."""
-    choice = sampler_choice(cfg)
+    choice = SamplerChoice.given(cfg.sampler, cfg.sampler_steps, cfg.sampler_eta)
     if choice is None:
         yield
         return

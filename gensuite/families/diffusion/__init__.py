@@ -19,8 +19,7 @@ import torch
 
 from gensuite.errors import ConfigError, GensuiteError
 from gensuite.families.diffusion.networks import UNet
-from gensuite.families.diffusion.objectives import (diffusion_loss, dsm_loss, ncsn_score_fn, normal_kl,
-                                                    vb_term)
+from gensuite.families.diffusion.objectives import diffusion_loss, dsm_loss, ncsn_score_fn, prior_term, vb_term
 from gensuite.families.diffusion.samplers import annealed_langevin, ddim_invert, ddim_sample, ddpm_sample, guided
 from gensuite.families.diffusion.schedules import NoiseSchedule, geometric_sigmas
 from gensuite.registry import Batch, GenerativeFamily, Networks, SamplerChoice, register
@@ -188,9 +187,7 @@ class Diffusion(GenerativeFamily):
                                    None if y_rep is None else y_rep[i:i + 256], self.cfg.target, "beta_tilde",
                                    True, noise[i:i + 256]) for i in range(0, len(t), 256)]).view(n, draws + 1)
         scale = 1.0 if exact else (T - 1) / draws
-        t_last = torch.full((n,), T - 1, device=x0.device, dtype=torch.long)
-        mean_T, var_T = self.schedule.q_mean_variance(x0, t_last)
-        prior = normal_kl(mean_T, var_T.log(), torch.zeros_like(x0), torch.zeros_like(x0)).flatten(1).sum(1)
+        prior = prior_term(self.schedule, x0)
         return {"vlb": -(prior + scale * terms[:, :-1].sum(1) + terms[:, -1])}
 
     # -- sampling ---------------------------------------------------------------------------------------

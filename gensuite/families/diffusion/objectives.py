@@ -183,6 +183,13 @@ def vb_term(model, schedule, x0, t, y, target, variance, clip_x0, noise) -> torc
     return torch.where(t == 0, decoder, kl)
 
 
+def prior_term(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
+    """L_T = KL(q(x_T | x0) ‖ N(0, I)) per sample, in nats (no draws)."""
+    t_T = torch.full((x0.shape[0],), schedule.T - 1, device=x0.device, dtype=torch.long)
+    mean_T, var_T = schedule.q_mean_variance(x0, t_T)
+    return normal_kl(mean_T, var_T.log(), torch.zeros_like(x0), torch.zeros_like(x0)).flatten(1).sum(1)
+
+
 def variational_bound(model: Callable, schedule: NoiseSchedule, x0: torch.Tensor, target: str = "eps",
                       y: torch.Tensor | None = None, timesteps: int | None = None,
                       variance: str = "beta_tilde", clip_x0: bool = True,
@@ -203,8 +210,7 @@ def variational_bound(model: Callable, schedule: NoiseSchedule, x0: torch.Tensor
         return torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
 
     t_T = torch.full((n,), T - 1, device=x0.device, dtype=torch.long)
-    mean_T, var_T = schedule.q_mean_variance(x0, t_T)
-    prior = normal_kl(mean_T, var_T.log(), torch.zeros_like(x0), torch.zeros_like(x0)).flatten(1).sum(1)
+    prior = prior_term(schedule, x0)
 
     args = (y, target, variance, clip_x0)
     diffusion = x0.new_zeros(n)
