@@ -1,5 +1,6 @@
 """GAN family: DCGAN's architecture rules, loss formulas and the optimal discriminator."""
 
+import copy
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from torch import nn
 
 from gensuite.config import from_dict
-from gensuite.errors import GensuiteError
+from gensuite.errors import ConfigError, GensuiteError
 from gensuite.families.gan import GAN, GANConfig
 from gensuite.families.gan.objectives import LOSSES, d_bce, g_minimax, g_non_saturating
 from gensuite.registry import DataSpec, Networks
@@ -129,3 +130,147 @@ def test_sampling_is_in_unit_range_and_leaves_rng_and_bn_stats_alone():
     assert out["samples"].shape == (9, 1, 16, 16)
     assert 0 <= out["samples"].min() and out["samples"].max() <= 1
     assert torch.equal(bn.running_mean, before_stats) and torch.equal(torch.get_rng_state(), before_rng)
+
+
+# -- the loss zoo (issue 15) ------------------------------------------------------------------
+
+POINTS = DataSpec("ring", "points", (2,), 8)
+
+
+def test_least_squares_wasserstein_and_hinge_formulas():
+    real, fake = torch.tensor([1.5, -0.5, 0.2]), torch.tensor([0.3, -2.0, 1.1])
+    ls, w, hinge = LOSSES["least_squares"], LOSSES["wasserstein"], LOSSES["hinge"]
+    assert ls.d_loss(real, fake, 1.0).item() == pytest.approx(
+        0.5 * ((0.5 ** 2 + 1.5 ** 2 + 0.8 ** 2) / 3) + 0.5 * ((0.09 + 4.0 + 1.21) / 3), rel=1e-6)
+    assert ls.g_loss(fake).item() == pytest.approx(0.5 * ((0.49 + 9.0 + 0.01) / 3), rel=1e-6)
+    assert w.d_loss(real, fake, 1.0).item() == pytest.approx((0.3 - 2.0 + 1.1) / 3 - (1.5 - 0.5 + 0.2) / 3, rel=1e-6)
+    assert w.g_loss(fake).item() == pytest.approx(-(0.3 - 2.0 + 1.1) / 3, rel=1e-6)
+    # hinge: max(0, 1 - D(x)) = [0, 1.5, 0.8]; max(0, 1 + D(G(z))) = [1.3, 0, 2.1]
+    assert hinge.d_loss(real, fake, 1.0).item() == pytest.approx(2.3 / 3 + 3.4 / 3, rel=1e-6)
+    assert w.clip_weights == 0.01 and LOSSES["wasserstein_gp"].gradient_penalty == 10.0
+    assert set(LOSSES) == {"minimax", "non_saturating", "least_squares", "wasserstein", "wasserstein_gp", "hinge"}
+
+
+def test_gradient_penalty_and_r1_on_a_linear_critic_are_closed_forms():
+    from gensuite.families.gan.objectives import gradient_penalty, r1_penalty
+
+    critic = nn.Linear(6, 1)
+    with torch.no_grad():
+        critic.weight.copy_(torch.tensor([[0.5, -1.0, 2.0, 0.0, 1.0, -0.5]]))
+    norm = critic.weight.norm().item()  # ∇ₓ(w·x + b) = w everywhere
+    real, fake = torch.randn(7, 6), torch.randn(7, 6)
+    gp = gradient_penalty(lambda x: critic(x).flatten(), real, fake)
+    assert gp.item() == pytest.approx((norm - 1) ** 2, rel=1e-6)
+    assert r1_penalty(lambda x: critic(x).flatten(), real).item() == pytest.approx(norm ** 2, rel=1e-6)
+    gp.backward()  # the penalty trains the critic: d/dw (‖w‖ − 1)² = 2(‖w‖ − 1) w/‖w‖
+    expected = 2 * (norm - 1) * critic.weight / norm
+    assert torch.allclose(critic.weight.grad, expected.detach(), rtol=1e-5)
+
+
+def test_wgan_gp_critic_has_no_batchnorm_and_batchnorm_is_refused():
+    fam = family("debug", spec(16, 1), loss="wasserstein_gp")
+    D = fam.build_networks()["D"]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in D.modules())
+    assert any(isinstance(m, nn.GroupNorm) and m.num_groups == 1 for m in D.modules())  # layer normalisation
+    with pytest.raises(ConfigError, match="model.critic_norm"):
+        family("debug", spec(16, 1), loss="wasserstein_gp", critic_norm="batch")
+    terms = fam.loss("D", Networks(fam.build_networks()), {"x": torch.rand(8, 1, 16, 16)}, 1)
+    assert {"gradient_penalty", "critic_gap"} <= terms.keys() and "real_acc" not in terms
+    assert terms["loss"].item() == pytest.approx(
+        (-terms["critic_gap"] + 10 * terms["gradient_penalty"]).item(), rel=1e-5)
+
+
+def test_wasserstein_clips_the_critic_after_its_step_only():
+    fam = family("debug", spec(16, 1), loss="wasserstein")
+    nets = fam.build_networks()
+    with torch.no_grad():
+        for p in list(nets["D"].parameters()) + list(nets["G"].parameters()):
+            p.mul_(100)
+    g_before = [p.clone() for p in nets["G"].parameters()]
+    fam.after_step("G", Networks(nets), 1)
+    assert max(p.abs().max().item() for p in nets["D"].parameters()) > 0.01
+    fam.after_step("D", Networks(nets), 1)
+    assert max(p.abs().max().item() for p in nets["D"].parameters()) == pytest.approx(0.01)
+    assert all(torch.equal(a, b) for a, b in zip(g_before, nets["G"].parameters()))
+
+
+def test_label_smoothing_is_refused_where_no_target_exists():
+    with pytest.raises(ConfigError, match="model.label_smoothing"):
+        from_dict(GANConfig, {"loss": "hinge", "label_smoothing": 0.1}, "model")
+    assert from_dict(GANConfig, {"loss": "least_squares", "label_smoothing": 0.1}, "model").label_smoothing == 0.1
+
+
+def test_pacgan_packs_consecutive_samples_and_needs_a_divisible_batch():
+    fam = family("debug", spec(16, 1), pack=4)
+    nets = fam.build_networks()
+    assert nets["D"].net[0].in_channels == 4
+    x = torch.arange(8 * 16 * 16, dtype=torch.float32).view(8, 1, 16, 16)
+    packed = fam.packed(x)
+    assert packed.shape == (2, 4, 16, 16) and torch.equal(packed[1, 2], x[6, 0])
+    assert nets["D"](packed).shape == (2,)
+    with pytest.raises(ConfigError, match="model.pack"):
+        fam.packed(x[:6])
+    points = family("points", POINTS, pack=3)
+    assert points.build_networks()["D"].net[1].in_features == 6
+    assert torch.equal(points.packed(torch.arange(12.0).view(6, 2))[1], torch.tensor([6.0, 7, 8, 9, 10, 11]))
+
+
+def test_points_are_unbounded_and_image_networks_are_refused():
+    fam = family("points", POINTS)
+    torch.manual_seed(0)
+    G = fam.build_networks()["G"]
+    with torch.no_grad():
+        G.net[-1].bias.fill_(5.0)  # a tanh would cap this at 1
+    out = fam.sample(Networks({"G": G}), fam.fixed_inputs(4, torch.Generator().manual_seed(0)))
+    assert out.shape == (4, 2) and out.min().item() > 3
+    with pytest.raises(ConfigError, match="flavor"):
+        family("dcgan", POINTS)
+
+
+def test_unrolled_generator_loss_looks_ahead_through_d_steps():
+    from gensuite.families.gan.unrolled import call, unrolled_state
+
+    torch.manual_seed(0)
+    fam = family("points", POINTS, unroll_steps=3, unroll_lr=0.05)
+    nets = fam.build_networks()
+    batch = {"x": torch.randn(16, 2)}
+    torch.manual_seed(1)
+    unrolled = fam.loss("G", Networks(nets), batch, 1)["loss"]
+    # The same value by hand: copy D, take three SGD steps on D's loss with G's samples fixed, score G.
+    torch.manual_seed(1)
+    fake = nets["G"](fam.noise(16, "cpu"))
+    D = copy.deepcopy(nets["D"])
+    opt = torch.optim.SGD(D.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        fam.objective.d_loss(D(batch["x"]), D(fake.detach()), 1.0).backward()
+        opt.step()
+    assert unrolled.item() == pytest.approx(fam.objective.g_loss(D(fake)).item(), rel=1e-5)
+    # G's gradient includes the path through D's steps: it differs from the gradient against the
+    # unrolled D held fixed (what a first-order look-ahead would give).
+    unrolled.backward()
+    second_order = [p.grad.clone() for p in nets["G"].parameters()]
+    for p in nets["G"].parameters():
+        p.grad = None
+    torch.manual_seed(1)
+    fake = nets["G"](fam.noise(16, "cpu"))
+    state = unrolled_state(nets["D"], lambda s: fam.objective.d_loss(call(nets["D"], s, batch["x"]),
+                                                                      call(nets["D"], s, fake), 1.0), 3, 0.05)
+    fam.objective.g_loss(call(nets["D"], {k: v.detach() for k, v in state.items()}, fake)).backward()
+    first_order = [p.grad for p in nets["G"].parameters()]
+    gap = max((a - b).abs().max().item() for a, b in zip(second_order, first_order))
+    assert gap > 1e-4 * max(a.abs().max().item() for a in second_order)
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in nets["D"].parameters())
+
+
+def test_dead_units_count_relu_units_silent_on_the_whole_batch():
+    fam = family("points", POINTS, g_hidden=[4], latent_dim=3)
+    G = fam.build_networks()["G"]
+    with torch.no_grad():
+        G.net[0].weight.zero_()
+        G.net[0].bias.copy_(torch.tensor([-1.0, 1.0, 0.5, -0.2]))  # two units never fire
+    terms = fam.loss("G", Networks(fam.build_networks() | {"G": G}), {"x": torch.randn(8, 2)}, 1)
+    assert terms["dead_units"].item() == 0.5
+    assert not G._forward_hooks and not any(m._forward_hooks for m in G.modules())  # hooks removed
+    leaky = family("points", POINTS, g_hidden=[4], latent_dim=3, g_activation="leaky_relu")
+    assert isinstance(leaky.build_networks()["G"].net[1], nn.LeakyReLU)

@@ -1,4 +1,6 @@
-"""GANs: vanilla MLP GAN and DCGAN, with minimax or non-saturating losses."""
+"""GANs: vanilla MLP GAN and DCGAN on images or 2-D points, with the loss zoo of ``objectives``
+(minimax, non-saturating, least squares, Wasserstein with clipping or gradient penalty, hinge; R1),
+and two mode-collapse remedies: PacGAN packing and unrolled GAN (``unrolled``)."""
 
 from __future__ import annotations
 
@@ -8,8 +10,10 @@ from typing import Literal
 import torch
 
 from gensuite.errors import ConfigError, GensuiteError
-from gensuite.families.gan.networks import DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGenerator
-from gensuite.families.gan.objectives import LOSSES
+from gensuite.families.gan.networks import (DCGANDiscriminator, DCGANGenerator, DeadUnits, MLPDiscriminator,
+                                            MLPGenerator)
+from gensuite.families.gan.objectives import LOSSES, clip_parameters, d_wasserstein, gradient_penalty, r1_penalty
+from gensuite.families.gan.unrolled import call, unrolled_state
 from gensuite.registry import Batch, GenerativeFamily, Networks, Player, register
 
 
@@ -25,6 +29,14 @@ class GANConfig:
     d_hidden: list[int] = field(default_factory=lambda: [1024, 512, 256])  # MLP discriminator
     d_dropout: float = 0.3  # MLP discriminator
     label_smoothing: float = 0.0  # one-sided: real targets become 1 - label_smoothing
+    g_activation: Literal["relu", "leaky_relu", None] = None  # None: dcgan relu, mlp leaky_relu
+    critic_norm: Literal["batch", "layer", "none", None] = None  # DCGAN D; None: the loss's (GP: layer)
+    gradient_penalty: float | None = None  # λ; None: the loss's (wasserstein_gp 10, else 0)
+    clip_weights: float | None = None  # None: the loss's (wasserstein 0.01, else no clipping)
+    r1_gamma: float = 0.0  # R1 penalty γ/2 E‖∇D(x)‖² on real data; 0: off
+    pack: int = 1  # PacGAN: D judges `pack` samples at once (all real or all generated)
+    unroll_steps: int = 0  # unrolled GAN: G's loss against D after this many look-ahead steps
+    unroll_lr: float = 0.1  # step size of those (plain gradient) look-ahead steps
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -39,6 +51,21 @@ class GANConfig:
             raise ConfigError("model.d_dropout", "must be in [0, 1)")
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError("model.label_smoothing", "must be in [0, 0.5)")
+        if self.label_smoothing and not LOSSES[self.loss].smoothing:
+            raise ConfigError("model.label_smoothing", f"the {self.loss} loss has no real-label target to smooth; "
+                                                       f"set it to 0")
+        for key in ("gradient_penalty", "clip_weights"):
+            value = getattr(self, key)
+            if value is not None and value < 0 or key == "clip_weights" and value == 0:
+                raise ConfigError(f"model.{key}", "must be > 0 (or null for the loss's default)")
+        if self.r1_gamma < 0:
+            raise ConfigError("model.r1_gamma", "must be >= 0 (0: off)")
+        if self.pack < 1:
+            raise ConfigError("model.pack", "must be >= 1 (1: no packing; PacGAN used 2 to 4)")
+        if self.unroll_steps < 0:
+            raise ConfigError("model.unroll_steps", "must be >= 0 (0: no unrolling; Metz et al. used up to 10)")
+        if self.unroll_lr <= 0:
+            raise ConfigError("model.unroll_lr", "must be > 0")
 
 
 @register
@@ -49,26 +76,52 @@ class GAN(GenerativeFamily):
         "mlp": {"architecture": "mlp", "latent_dim": 100},
         "dcgan": {"architecture": "dcgan", "latent_dim": 100, "ngf": 64, "ndf": 64},
         "debug": {"architecture": "dcgan", "latent_dim": 8, "ngf": 8, "ndf": 8},
+        # 2-D points (ring, grid, moons): 128-unit MLPs as in the mode-collapse papers' toy experiments.
+        "points": {"architecture": "mlp", "latent_dim": 64, "g_hidden": [128, 128], "d_hidden": [128, 128],
+                   "d_dropout": 0.0, "g_activation": "relu"},
     }
+    debug_dataset = "digits"
 
     def __init__(self, cfg: GANConfig, data):
         super().__init__(cfg, data)
-        if data.kind != "image":
-            raise ConfigError("data.dataset", f"the gan family needs images; {data.dataset} holds points")
+        self.points = data.kind == "points"
+        if self.points and cfg.architecture != "mlp":
+            raise ConfigError("flavor", f"{data.dataset} holds 2-D points; the {cfg.architecture} networks draw "
+                                        f"images: use flavor: points (or model.architecture: mlp)")
         size = data.image_size
-        if cfg.architecture == "dcgan" and (size < 8 or size & (size - 1)):
+        if not self.points and cfg.architecture == "dcgan" and (size < 8 or size & (size - 1)):
             raise GensuiteError(f"flavor dcgan needs a power-of-two image size >= 8, the {data.dataset} shards are "
                                 f"{size}x{size}; rebuild them with: python shards/build.py {data.dataset} --size 32 "
                                 f"(or use flavor: mlp)")
         self.objective = LOSSES[cfg.loss]
+        self.penalty = self.objective.gradient_penalty if cfg.gradient_penalty is None else cfg.gradient_penalty
+        self.clip = self.objective.clip_weights if cfg.clip_weights is None else cfg.clip_weights
+        self.critic_norm = cfg.critic_norm or self.objective.critic_norm
+        if self.penalty and self.critic_norm == "batch" and cfg.architecture == "dcgan":
+            raise ConfigError("model.critic_norm", "BatchNorm couples the samples of a batch, so the per-sample "
+                                                   "gradient penalty no longer constrains D(x) alone: use layer "
+                                                   "or none")
+        self.g_activation = cfg.g_activation or ("relu" if cfg.architecture == "dcgan" else "leaky_relu")
 
     def build_networks(self):
         c, d = self.cfg, self.data
+        packed_channels = d.channels * c.pack
         if c.architecture == "dcgan":
-            return {"G": DCGANGenerator(c.latent_dim, d.channels, d.image_size, c.ngf),
-                    "D": DCGANDiscriminator(d.channels, d.image_size, c.ndf)}
-        return {"G": MLPGenerator(c.latent_dim, d.shape, c.g_hidden),
-                "D": MLPDiscriminator(d.shape, c.d_hidden, c.d_dropout)}
+            return {"G": DCGANGenerator(c.latent_dim, d.channels, d.image_size, c.ngf, self.g_activation),
+                    "D": DCGANDiscriminator(packed_channels, d.image_size, c.ndf, self.critic_norm)}
+        packed_shape = (d.shape[0] * c.pack, *d.shape[1:])
+        return {"G": MLPGenerator(c.latent_dim, d.shape, c.g_hidden, self.g_activation, bounded=not self.points),
+                "D": MLPDiscriminator(packed_shape, c.d_hidden, c.d_dropout)}
+
+    def packed(self, x: torch.Tensor) -> torch.Tensor:
+        """PacGAN: consecutive groups of ``pack`` samples side by side along the channel (feature) axis."""
+        m = self.cfg.pack
+        if m == 1:
+            return x
+        if len(x) % m:
+            raise ConfigError("model.pack", f"the per-rank batch of {len(x)} is not a multiple of pack={m}; "
+                                            f"change train.batch_size or model.pack")
+        return x.reshape(len(x) // m, m * x.shape[1], *x.shape[2:])
 
     def players(self):
         return [Player("D", ("D",), steps=self.cfg.n_critic), Player("G", ("G",), consumes_data=False)]
@@ -77,20 +130,49 @@ class GAN(GenerativeFamily):
         return torch.randn(n, self.cfg.latent_dim, device=device)
 
     def loss(self, player: str, nets: Networks, batch: Batch, step: int):
-        real = batch["x"] * 2 - 1  # G's tanh range
+        real = batch["x"] if self.points else batch["x"] * 2 - 1  # images: G's tanh range
         z = self.noise(len(real), real.device)
+        target = 1.0 - self.cfg.label_smoothing
+        D = nets["D"]
         if player == "D":
             with torch.no_grad():
                 fake = nets["G"](z)
-            real_logits, fake_logits = nets["D"](real), nets["D"](fake)
-            loss = self.objective.d_loss(real_logits, fake_logits, 1.0 - self.cfg.label_smoothing)
-            return {"loss": loss, "real_logit": real_logits.mean(), "fake_logit": fake_logits.mean(),
-                    "real_acc": (real_logits > 0).float().mean(), "fake_acc": (fake_logits < 0).float().mean()}
-        fake_logits = nets["D"](nets["G"](z))
-        return {"loss": self.objective.g_loss(fake_logits), "fake_logit": fake_logits.mean()}
+            real_out, fake_out = D(self.packed(real)), D(self.packed(fake))
+            loss = self.objective.d_loss(real_out, fake_out, target)
+            terms = {"real_logit": real_out.mean(), "fake_logit": fake_out.mean()}
+            if self.objective.d_loss is d_wasserstein:
+                terms["critic_gap"] = real_out.mean() - fake_out.mean()  # the W1 estimate
+            else:  # the decision threshold: 0 for logits and hinge, ½ for least squares' 0/1 coding
+                threshold = 0.5 if self.cfg.loss == "least_squares" else 0.0
+                terms["real_acc"] = (real_out > threshold).float().mean()
+                terms["fake_acc"] = (fake_out < threshold).float().mean()
+            if self.penalty:
+                terms["gradient_penalty"] = gradient_penalty(D, self.packed(real), self.packed(fake))
+                loss = loss + self.penalty * terms["gradient_penalty"]
+            if self.cfg.r1_gamma:
+                terms["r1"] = r1_penalty(D, self.packed(real))
+                loss = loss + self.cfg.r1_gamma / 2 * terms["r1"]
+            return {"loss": loss, **terms}
+        dead = DeadUnits(nets.bare("G"))
+        fake = nets["G"](z)
+        dead_fraction = dead.fraction()
+        if self.cfg.unroll_steps:
+            def d_loss(state):
+                return self.objective.d_loss(call(D, state, self.packed(real)), call(D, state, self.packed(fake)),
+                                             target)
+            fake_out = call(D, unrolled_state(D, d_loss, self.cfg.unroll_steps, self.cfg.unroll_lr),
+                            self.packed(fake))
+        else:
+            fake_out = D(self.packed(fake))
+        return {"loss": self.objective.g_loss(fake_out), "fake_logit": fake_out.mean(), "dead_units": dead_fraction}
+
+    def after_step(self, player: str, nets: Networks, step: int) -> None:
+        if player == "D" and self.clip:
+            clip_parameters(nets.bare("D"), self.clip)
 
     def fixed_inputs(self, n: int, generator: torch.Generator):
         return {"z": torch.randn(n, self.cfg.latent_dim, generator=generator)}
 
     def sample(self, nets: Networks, fixed):
-        return (nets.ema("G")(fixed["z"]) + 1) / 2
+        out = nets.ema("G")(fixed["z"])
+        return out if self.points else (out + 1) / 2
