@@ -1,6 +1,7 @@
 """Starting jobs on several local ranks from tests."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,3 +19,10 @@ def torchrun_job(raw_job: dict, work: Path, ranks: int = 2) -> subprocess.Comple
                            str(ranks), "-m", "gensuite.train", str(path), "--run-dir", str(work / "run")],
                           capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                           timeout=300)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gensuite.config import from_dict
@@ -274,3 +275,96 @@ def test_dead_units_count_relu_units_silent_on_the_whole_batch():
     assert not G._forward_hooks and not any(m._forward_hooks for m in G.modules())  # hooks removed
     leaky = family("points", POINTS, g_hidden=[4], latent_dim=3, g_activation="leaky_relu")
     assert isinstance(leaky.build_networks()["G"].net[1], nn.LeakyReLU)
+
+
+# -- conditional GANs -------------------------------------------------------------------------
+
+CIFAR = DataSpec("cifar10", "image", (3, 32, 32), 10)
+
+
+def test_acgan_networks_follow_the_assignment_table():
+    fam = family("acgan", CIFAR)
+    torch.manual_seed(0)
+    nets = fam.build_networks()
+    G, D = nets["G"], nets["D"]
+    assert G.project[0].in_features == 110 and G.project[0].out_features == 384 * 4 * 4
+    convs = [m for m in G.net if isinstance(m, nn.ConvTranspose2d)]
+    assert [(m.in_channels, m.out_channels, m.kernel_size, m.stride) for m in convs] == [
+        (384, 192, (5, 5), (2, 2)), (192, 96, (5, 5), (2, 2)), (96, 3, (5, 5), (2, 2))]
+    images = G(torch.randn(4, 110))
+    assert images.shape == (4, 3, 32, 32) and isinstance(G.net[-1], nn.Tanh)
+    d_convs = [m for m in D.net if isinstance(m, nn.Conv2d)]
+    assert [(m.out_channels, m.kernel_size, m.stride[0]) for m in d_convs] == [
+        (16, (3, 3), 2), (32, (3, 3), 1), (64, (3, 3), 2), (128, (3, 3), 1), (256, (3, 3), 2), (512, (3, 3), 1)]
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in D.net) == 5 and not isinstance(D.net[2], nn.BatchNorm2d)
+    assert [m.p for m in D.net if isinstance(m, nn.Dropout)] == [0.5] * 6
+    assert D(images).shape == (4, 11) and D.net[-1].in_features == 512 * 4 * 4
+    linear_and_convs = [m for n in nets.values() for m in n.modules() if isinstance(m, (nn.Linear, nn.Conv2d,
+                                                                                      nn.ConvTranspose2d))]
+    assert all(m.bias is None or not m.bias.any() for m in linear_and_convs)  # biases 0
+    weights = torch.cat([m.weight.flatten() for m in linear_and_convs])
+    assert weights.std().item() == pytest.approx(0.02, rel=0.02)
+
+
+def test_acgan_losses_add_the_class_log_likelihood():
+    fam = family("acgan", spec(32, 1), d_noise_std=0.1)
+    torch.manual_seed(0)
+    nets = fam.build_networks()
+    for m in nets.values():
+        m.eval()  # no dropout or activation noise: the recomputation below sees the same D
+    batch = {"x": torch.rand(6, 1, 32, 32), "y": torch.tensor([0, 1, 2, 3, 4, 5])}
+    torch.manual_seed(3)
+    terms = fam.loss("D", Networks(nets), batch, 1)
+    torch.manual_seed(3)
+    z = fam.noise(6, "cpu")
+    fake = nets["G"](torch.cat([z, F.one_hot(batch["y"], 10).float()], 1))
+    real_out, fake_out = nets["D"](batch["x"] * 2 - 1), nets["D"](fake)
+    source = d_bce(real_out[:, 0], fake_out[:, 0])
+    classes = F.cross_entropy(real_out[:, 1:], batch["y"]) + F.cross_entropy(fake_out[:, 1:], batch["y"])
+    assert terms["loss"].item() == pytest.approx((source + classes).item(), rel=1e-5)
+    assert terms["class_acc_real"].item() == (real_out[:, 1:].argmax(1) == batch["y"]).float().mean().item()
+    torch.manual_seed(4)
+    g_terms = fam.loss("G", Networks(nets), batch, 1)
+    torch.manual_seed(4)
+    fake_out = nets["D"](nets["G"](torch.cat([fam.noise(6, "cpu"), F.one_hot(batch["y"], 10).float()], 1)))
+    expected = g_non_saturating(fake_out[:, 0]) + F.cross_entropy(fake_out[:, 1:], batch["y"])  # G maximises L_C
+    assert g_terms["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    noise = [m for m in nets["D"].modules() if type(m).__name__ == "GaussianNoise"]
+    assert len(noise) == 6 and all(m.std == 0.1 for m in noise)
+
+
+def test_cgan_conditions_g_and_d_and_draws_one_row_per_class():
+    fam = family("debug", spec(16, 1), conditioning="cgan")
+    torch.manual_seed(0)
+    nets = fam.build_networks()
+    assert nets["D"].net[0].in_channels == 1 + 10  # one-hot label maps beside the image
+    assert nets["G"].latent_dim == 8 + 10
+    fixed = fam.fixed_inputs(20, torch.Generator().manual_seed(0))
+    assert fixed["y"].tolist() == [c for c in range(10) for _ in range(2)] and fam.grid_nrow(20) == 2
+    for m in nets.values():
+        m.eval()
+    same_z = {"z": fixed["z"][:1].repeat(2, 1), "y": torch.tensor([3, 7])}
+    out = fam.sample(Networks(nets), same_z)
+    assert (out[0] - out[1]).abs().max() > 1e-4  # the label changes the sample
+    terms = fam.loss("D", Networks(nets), {"x": torch.rand(4, 1, 16, 16), "y": torch.tensor([1, 2, 3, 4])}, 1)
+    assert torch.isfinite(terms["loss"])
+    with pytest.raises(ConfigError, match="model.conditioning"):
+        family("debug", DataSpec("x", "image", (1, 16, 16), 0), conditioning="cgan")
+
+
+def test_projection_discriminator_adds_the_label_inner_product():
+    fam = family("debug", spec(16, 1), conditioning="cgan", projection=True)
+    torch.manual_seed(0)
+    D = fam.build_networks()["D"]
+    D.eval()
+    x, y = torch.randn(3, 1, 16, 16), torch.tensor([0, 4, 9])
+    features = D.body(x)
+    expected = D.head(features).flatten() + (D.embed.weight[y] * features.sum(dim=(2, 3))).sum(1)
+    assert torch.allclose(D(x, y), expected, rtol=1e-6, atol=1e-7)
+    assert D.body[0].in_channels == 1  # the label does not enter as channels
+    with pytest.raises(ConfigError, match="model.projection"):
+        from_dict(GANConfig, {"projection": True}, "model")
+    with pytest.raises(ConfigError, match="model.pack"):
+        from_dict(GANConfig, {"conditioning": "cgan", "projection": True, "pack": 2}, "model")
+    with pytest.raises(ConfigError, match="model.conditioning"):
+        from_dict(GANConfig, {"conditioning": "acgan"}, "model")

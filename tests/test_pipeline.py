@@ -3,7 +3,6 @@
 import io
 import itertools
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import torch.multiprocessing as mp
 import webdataset as wds
 
 from gensuite.data.pipeline import ShardInfo, ShardStream, make_loader
+from launchers import free_port
 
 SIZES = (5, 11, 23)  # deliberately uneven
 
@@ -90,16 +90,10 @@ def _rank_main(rank, world, port, shard_paths, out_dir):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_ranks_on_three_uneven_shards_run_equal_batches(tmp_path):
     shards = write_uneven_shards(tmp_path)
-    mp.start_processes(_rank_main, args=(2, _free_port(), [(s.path, s.samples) for s in shards], str(tmp_path)),
+    mp.start_processes(_rank_main, args=(2, free_port(), [(s.path, s.samples) for s in shards], str(tmp_path)),
                        nprocs=2, join=True, start_method="spawn")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["count"] == r1["count"] == 18

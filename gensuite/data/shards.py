@@ -381,10 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="shards", help="shard root (default: shards)")
     parser.add_argument("--shard-size", type=int, help="samples per shard")
     parser.add_argument("--size", type=int, help="resize images to SIZE x SIZE (digits default: 32, shapes: 76)")
-    parser.add_argument("--n", type=int, help="moons: training points; shapes: training images (default 6000)")
+    parser.add_argument("--n", type=int, help="moons, ring, grid: training points (default moons 10000, ring and grid "
+                                              "20000; test n // 5); shapes: training images (default 6000)")
     parser.add_argument("--n-test", type=int, help="shapes: test images (default 1000)")
     parser.add_argument("--noise", type=float, help="moons: noise")
-    parser.add_argument("--seed", type=int, help="moons, shapes: seed")
+    parser.add_argument("--std", type=float, help="ring, grid: standard deviation of each Gaussian mode (default "
+                                                  "ring 0.02, grid 0.05); recorded in the manifest's params")
+    parser.add_argument("--seed", type=int, help="moons, ring, grid, shapes: seed")
     parser.add_argument("--lowres", type=int, help="cub: side of the stored crop (default 76)")
     parser.add_argument("--hires", type=int, help="cub: side of the high-resolution crop field (default 304; "
                                                   "0: not stored)")

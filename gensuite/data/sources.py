@@ -14,13 +14,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import numpy as np
 
 from gensuite.errors import GensuiteError
 from gensuite.data.captioned import (CUB_CLASSES, SHAPES_CLASSES, describe_cub, describe_shapes, read_cub,
                                      read_shapes)
+
+if TYPE_CHECKING:
+    import torch  # mixture_modes imports it when called: the builder does not need it
 
 Record = tuple[str, np.ndarray, int]
 
@@ -87,6 +90,63 @@ def read_moons(src: str | None, n: int = 10000, noise: float = 0.05, seed: int =
         points, labels = make_moons(n_samples=count, noise=noise, random_state=state)
         for p, y in zip(points.astype(np.float32), labels):
             yield split, p, int(y)
+
+
+# -- Gaussian mixtures for mode-collapse experiments ------------------------------------------
+# ring: 8 modes evenly spaced on a circle of radius 2, std 0.02 (Metz et al., "Unrolled GANs", 2017);
+# grid: 25 modes on {-4, -2, 0, 2, 4}^2, std 0.05 (Lin et al., "PacGAN", 2018). Every mode equally likely.
+
+MIXTURE_RADIUS = 2.0  # ring
+MIXTURE_GRID = (-4.0, -2.0, 0.0, 2.0, 4.0)  # grid: each coordinate
+
+
+def _mode_centres(dataset: str) -> np.ndarray:
+    """(K, 2) float64 centres; mode k is class k."""
+    if dataset == "ring":
+        angles = 2 * np.pi * np.arange(8) / 8  # mode 0 at (2, 0), counter-clockwise
+        return MIXTURE_RADIUS * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    if dataset == "grid":
+        return np.array([(x, y) for x in MIXTURE_GRID for y in MIXTURE_GRID], dtype=np.float64)  # row-major in x
+    raise GensuiteError(f"{dataset!r} is not a Gaussian-mixture dataset; choose ring or grid")
+
+
+def mixture_modes(dataset: str, std: float | None = None) -> tuple[torch.Tensor, float]:
+    """Geometry of a Gaussian-mixture dataset (``ring`` or ``grid``): ``(centres, std)`` with centres a
+    float64 torch tensor (K, 2) whose row k is the mean of mode k (= class k), and ``std`` the per-axis
+    standard deviation of every mode: the given one, or the dataset's default build option when None.
+    A shard set's own std is its manifest's ``params["std"]`` (what ``shards/build.py --std`` set)."""
+    import torch
+
+    centres = _mode_centres(dataset)
+    std = float(DATASETS[dataset].params["std"] if std is None else std)
+    if not (np.isfinite(std) and std > 0):
+        raise GensuiteError(f"--std: must be a positive number, got {std!r}")
+    return torch.from_numpy(centres), std
+
+
+def read_mixture(dataset: str, n: int, std: float, seed: int) -> Iterator[Record]:
+    """n training points and max(1, n // 5) test points: mode k ~ uniform{0..K-1}, x ~ N(centre_k, std^2 I);
+    each split from its own stream of seed (seed, split)."""
+    centres, std = mixture_modes(dataset, std)
+    centres = centres.numpy()
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise GensuiteError(f"--n: must be a positive number of points, got {n!r}")
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise GensuiteError(f"--seed: must be a non-negative integer, got {seed!r}")
+    for index, (split, count) in enumerate((("train", n), ("test", max(1, n // 5)))):
+        rng = np.random.default_rng((seed, index))
+        labels = rng.integers(0, len(centres), size=count)
+        points = (centres[labels] + std * rng.standard_normal((count, 2))).astype(np.float32)
+        for p, y in zip(points, labels):
+            yield split, p, int(y)
+
+
+def read_ring(src: str | None, n: int = 20000, std: float = 0.02, seed: int = 0) -> Iterator[Record]:
+    return read_mixture("ring", n, std, seed)
+
+
+def read_grid(src: str | None, n: int = 20000, std: float = 0.05, seed: int = 0) -> Iterator[Record]:
+    return read_mixture("grid", n, std, seed)
 
 
 # -- MNIST / Fashion-MNIST (IDX) --------------------------------------------------------------
@@ -171,6 +231,10 @@ DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo("digits", "image", (1, 8, 8), tuple("0123456789"), {"size": 32}, shard_size=500),
     "moons": DatasetInfo("moons", "points", (2,), ("upper", "lower"), {"n": 10000, "noise": 0.05, "seed": 0},
                          shard_size=4000),
+    "ring": DatasetInfo("ring", "points", (2,), tuple(str(k) for k in range(8)),
+                        {"n": 20000, "std": 0.02, "seed": 0}, shard_size=10000),
+    "grid": DatasetInfo("grid", "points", (2,), tuple(str(k) for k in range(25)),
+                        {"n": 20000, "std": 0.05, "seed": 0}, shard_size=10000),
     "mnist": DatasetInfo("mnist", "image", (1, 28, 28), tuple("0123456789"), {"size": None}, needs_src=True,
                          src_hint="the four IDX files"),
     "fashion_mnist": DatasetInfo("fashion_mnist", "image", (1, 28, 28), FASHION_CLASSES, {"size": None},
@@ -189,6 +253,8 @@ DATASETS: dict[str, DatasetInfo] = {
 READERS: dict[str, Callable[..., Iterator[Record]]] = {
     "digits": read_digits,
     "moons": read_moons,
+    "ring": read_ring,
+    "grid": read_grid,
     "mnist": read_mnist_like,
     "fashion_mnist": read_mnist_like,
     "cifar10": read_cifar10,

@@ -60,7 +60,8 @@ def register_metric(metric: Metric) -> Metric:
 
 
 def _load_builtin() -> None:
-    from gensuite.evaluation import classification, inception, judged, likelihood  # noqa: F401  (register their metrics)
+    # imported for their side effect: each module registers its metrics
+    from gensuite.evaluation import classification, inception, judged, likelihood, modes  # noqa: F401
 
 
 @contextlib.contextmanager

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 from gensuite.errors import ConfigError, GensuiteError
-from gensuite.families.gan.networks import (DCGANDiscriminator, DCGANGenerator, DeadUnits, MLPDiscriminator,
-                                            MLPGenerator)
+from gensuite.families.gan.networks import (ACGANDiscriminator, ACGANGenerator, DCGANDiscriminator, DCGANGenerator,
+                                            DeadUnits, MLPDiscriminator, MLPGenerator, ProjectionDiscriminator)
 from gensuite.families.gan.objectives import LOSSES, clip_parameters, d_wasserstein, gradient_penalty, r1_penalty
 from gensuite.families.gan.unrolled import call, unrolled_state
 from gensuite.registry import Batch, GenerativeFamily, Networks, Player, register
@@ -20,7 +21,7 @@ from gensuite.registry import Batch, GenerativeFamily, Networks, Player, registe
 @dataclass
 class GANConfig:
     latent_dim: int = 100
-    architecture: Literal["mlp", "dcgan"] = "dcgan"
+    architecture: Literal["mlp", "dcgan", "acgan"] = "dcgan"  # acgan: assignment 002's ACGAN networks
     loss: str = "non_saturating"  # a key of gensuite.families.gan.objectives.LOSSES
     n_critic: int = 1  # D steps per G step
     ngf: int = 64  # DCGAN generator width (channels of the last hidden layer)
@@ -37,6 +38,9 @@ class GANConfig:
     pack: int = 1  # PacGAN: D judges `pack` samples at once (all real or all generated)
     unroll_steps: int = 0  # unrolled GAN: G's loss against D after this many look-ahead steps
     unroll_lr: float = 0.1  # step size of those (plain gradient) look-ahead steps
+    conditioning: Literal["none", "cgan", "acgan"] = "none"  # class-conditional G(z | y); acgan: D classifies
+    projection: bool = False  # cgan: projection discriminator (Miyato & Koyama) instead of label channels
+    d_noise_std: float = 0.0  # acgan networks: Gaussian noise on the input of each of D's convs (training)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -66,6 +70,17 @@ class GANConfig:
             raise ConfigError("model.unroll_steps", "must be >= 0 (0: no unrolling; Metz et al. used up to 10)")
         if self.unroll_lr <= 0:
             raise ConfigError("model.unroll_lr", "must be > 0")
+        if (self.architecture == "acgan") != (self.conditioning == "acgan"):
+            raise ConfigError("model.conditioning", "the acgan networks and conditioning: acgan go together (D's "
+                                                    "class head); use flavor: acgan, or conditioning: cgan with "
+                                                    "the dcgan or mlp networks")
+        if self.projection and self.conditioning != "cgan":
+            raise ConfigError("model.projection", "projects a label: needs conditioning: cgan")
+        if self.d_noise_std < 0 or self.d_noise_std and self.architecture != "acgan":
+            raise ConfigError("model.d_noise_std", "must be >= 0, and only the acgan networks take it")
+        if self.pack > 1 and (self.projection or self.conditioning == "acgan"):
+            raise ConfigError("model.pack", "packing mixes samples with different labels: a projection or "
+                                            "ACGAN discriminator judges one labelled sample at a time; use pack: 1")
 
 
 @register
@@ -77,6 +92,8 @@ class GAN(GenerativeFamily):
         "dcgan": {"architecture": "dcgan", "latent_dim": 100, "ngf": 64, "ndf": 64},
         "debug": {"architecture": "dcgan", "latent_dim": 8, "ngf": 8, "ndf": 8},
         # 2-D points (ring, grid, moons): 128-unit MLPs as in the mode-collapse papers' toy experiments.
+        # Assignment 002's ACGAN table (32x32 images, z of 100, batch 100 in its job).
+        "acgan": {"architecture": "acgan", "conditioning": "acgan", "latent_dim": 100},
         "points": {"architecture": "mlp", "latent_dim": 64, "g_hidden": [128, 128], "d_hidden": [128, 128],
                    "d_dropout": 0.0, "g_activation": "relu"},
     }
@@ -85,7 +102,12 @@ class GAN(GenerativeFamily):
     def __init__(self, cfg: GANConfig, data):
         super().__init__(cfg, data)
         self.points = data.kind == "points"
-        if self.points and cfg.architecture != "mlp":
+        if cfg.conditioning != "none" and data.num_classes < 2:
+            raise ConfigError("model.conditioning", f"{data.dataset} has no class labels; set it to none")
+        if cfg.architecture == "acgan" and (self.points or data.image_size != 32):
+            raise ConfigError("data.dataset", f"the acgan networks draw 32x32 images; rebuild the shards with: "
+                                              f"python shards/build.py {data.dataset} --size 32")
+        if self.points and cfg.architecture == "dcgan":
             raise ConfigError("flavor", f"{data.dataset} holds 2-D points; the {cfg.architecture} networks draw "
                                         f"images: use flavor: points (or model.architecture: mlp)")
         size = data.image_size
@@ -103,15 +125,26 @@ class GAN(GenerativeFamily):
                                                    "or none")
         self.g_activation = cfg.g_activation or ("relu" if cfg.architecture == "dcgan" else "leaky_relu")
 
+    @property
+    def conditional(self) -> bool:
+        return self.cfg.conditioning != "none"
+
     def build_networks(self):
         c, d = self.cfg, self.data
-        packed_channels = d.channels * c.pack
+        classes = d.num_classes if self.conditional else 0
+        # Label channels (CGAN without projection) are concatenated before packing.
+        label_channels = classes if c.conditioning == "cgan" and not c.projection else 0
+        g_input = c.latent_dim + classes
+        if c.architecture == "acgan":
+            return {"G": ACGANGenerator(g_input, d.channels),
+                    "D": ACGANDiscriminator(d.channels, d.num_classes, c.d_noise_std, d.image_size)}
         if c.architecture == "dcgan":
-            return {"G": DCGANGenerator(c.latent_dim, d.channels, d.image_size, c.ngf, self.g_activation),
-                    "D": DCGANDiscriminator(packed_channels, d.image_size, c.ndf, self.critic_norm)}
-        packed_shape = (d.shape[0] * c.pack, *d.shape[1:])
-        return {"G": MLPGenerator(c.latent_dim, d.shape, c.g_hidden, self.g_activation, bounded=not self.points),
-                "D": MLPDiscriminator(packed_shape, c.d_hidden, c.d_dropout)}
+            G = DCGANGenerator(g_input, d.channels, d.image_size, c.ngf, self.g_activation)
+            D = DCGANDiscriminator((d.channels + label_channels) * c.pack, d.image_size, c.ndf, self.critic_norm)
+        else:
+            G = MLPGenerator(g_input, d.shape, c.g_hidden, self.g_activation, bounded=not self.points)
+            D = MLPDiscriminator(((d.shape[0] + label_channels) * c.pack, *d.shape[1:]), c.d_hidden, c.d_dropout)
+        return {"G": G, "D": ProjectionDiscriminator(D, classes) if c.projection else D}
 
     def packed(self, x: torch.Tensor) -> torch.Tensor:
         """PacGAN: consecutive groups of ``pack`` samples side by side along the channel (feature) axis."""
@@ -129,15 +162,35 @@ class GAN(GenerativeFamily):
     def noise(self, n: int, device) -> torch.Tensor:
         return torch.randn(n, self.cfg.latent_dim, device=device)
 
+    def one_hot(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return F.one_hot(y, self.data.num_classes).to(like.dtype)
+
+    def generate(self, G, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """G(z), or G(z | y) with the label's one-hot concatenated to z (CGAN and ACGAN)."""
+        return G(torch.cat([z, self.one_hot(y, z)], dim=1) if self.conditional else z)
+
+    def discriminate(self, D, x: torch.Tensor, y: torch.Tensor | None, state=None):
+        """D's source output per (packed) sample and, for ACGAN, its class logits (else None). CGAN
+        without projection sees the label as constant one-hot channels (features for points).
+        ``state``: D's parameters to use instead of its own (the unrolled look-ahead)."""
+        if self.cfg.conditioning == "cgan" and not self.cfg.projection:
+            onehot = self.one_hot(y, x)
+            x = torch.cat([x, onehot[:, :, None, None].expand(-1, -1, *x.shape[2:]) if x.dim() == 4 else onehot], 1)
+        args = (self.packed(x), y) if self.cfg.projection else (self.packed(x),)
+        out = D(*args) if state is None else call(D, state, *args)
+        return (out[:, 0], out[:, 1:]) if self.cfg.conditioning == "acgan" else (out, None)
+
     def loss(self, player: str, nets: Networks, batch: Batch, step: int):
         real = batch["x"] if self.points else batch["x"] * 2 - 1  # images: G's tanh range
+        # Conditional GANs generate for the batch's own labels: fakes follow the data's label distribution.
+        y = batch["y"] if self.conditional else None
         z = self.noise(len(real), real.device)
         target = 1.0 - self.cfg.label_smoothing
         D = nets["D"]
         if player == "D":
             with torch.no_grad():
-                fake = nets["G"](z)
-            real_out, fake_out = D(self.packed(real)), D(self.packed(fake))
+                fake = self.generate(nets["G"], z, y)
+            (real_out, real_cls), (fake_out, fake_cls) = self.discriminate(D, real, y), self.discriminate(D, fake, y)
             loss = self.objective.d_loss(real_out, fake_out, target)
             terms = {"real_logit": real_out.mean(), "fake_logit": fake_out.mean()}
             if self.objective.d_loss is d_wasserstein:
@@ -146,33 +199,44 @@ class GAN(GenerativeFamily):
                 threshold = 0.5 if self.cfg.loss == "least_squares" else 0.0
                 terms["real_acc"] = (real_out > threshold).float().mean()
                 terms["fake_acc"] = (fake_out < threshold).float().mean()
+            if real_cls is not None:  # ACGAN: D also maximises the class log-likelihood L_C of both
+                terms["class_loss"] = F.cross_entropy(real_cls, y) + F.cross_entropy(fake_cls, y)
+                terms["class_acc_real"] = (real_cls.argmax(1) == y).float().mean()
+                terms["class_acc_fake"] = (fake_cls.argmax(1) == y).float().mean()
+                loss = loss + terms["class_loss"]
+            source = lambda x: self.discriminate(D, x, y)[0]  # noqa: E731  (D as a function of the image)
             if self.penalty:
-                terms["gradient_penalty"] = gradient_penalty(D, self.packed(real), self.packed(fake))
+                terms["gradient_penalty"] = gradient_penalty(source, real, fake)
                 loss = loss + self.penalty * terms["gradient_penalty"]
             if self.cfg.r1_gamma:
-                terms["r1"] = r1_penalty(D, self.packed(real))
+                terms["r1"] = r1_penalty(source, real)
                 loss = loss + self.cfg.r1_gamma / 2 * terms["r1"]
             return {"loss": loss, **terms}
         dead = DeadUnits(nets.bare("G"))
-        fake = nets["G"](z)
+        fake = self.generate(nets["G"], z, y)
         dead_fraction = dead.fraction()
+        state = None
         if self.cfg.unroll_steps:
-            def d_loss(state):
-                return self.objective.d_loss(call(D, state, self.packed(real)), call(D, state, self.packed(fake)),
+            def d_loss(s):
+                return self.objective.d_loss(self.discriminate(D, real, y, s)[0], self.discriminate(D, fake, y, s)[0],
                                              target)
-            fake_out = call(D, unrolled_state(D, d_loss, self.cfg.unroll_steps, self.cfg.unroll_lr),
-                            self.packed(fake))
-        else:
-            fake_out = D(self.packed(fake))
-        return {"loss": self.objective.g_loss(fake_out), "fake_logit": fake_out.mean(), "dead_units": dead_fraction}
+            state = unrolled_state(D, d_loss, self.cfg.unroll_steps, self.cfg.unroll_lr)
+        fake_out, fake_cls = self.discriminate(D, fake, y, state)
+        terms = {"fake_logit": fake_out.mean(), "dead_units": dead_fraction}
+        loss = self.objective.g_loss(fake_out)
+        if fake_cls is not None:  # ACGAN: G maximises L_C too
+            terms["class_loss"] = F.cross_entropy(fake_cls, y)
+            loss = loss + terms["class_loss"]
+        return {"loss": loss, **terms}
 
     def after_step(self, player: str, nets: Networks, step: int) -> None:
         if player == "D" and self.clip:
             clip_parameters(nets.bare("D"), self.clip)
 
     def fixed_inputs(self, n: int, generator: torch.Generator):
-        return {"z": torch.randn(n, self.cfg.latent_dim, generator=generator)}
+        y = self.fixed_labels(n)  # conditional: one grid row per class
+        return {"z": torch.randn(len(y), self.cfg.latent_dim, generator=generator), "y": y}
 
     def sample(self, nets: Networks, fixed):
-        out = nets.ema("G")(fixed["z"])
+        out = self.generate(nets.ema("G"), fixed["z"], fixed.get("y"))
         return out if self.points else (out + 1) / 2

@@ -143,3 +143,73 @@ class MLPDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x).flatten()
+
+
+class ProjectionDiscriminator(nn.Module):
+    """Miyato & Koyama (2018): D(x, y) = ψ(φ(x)) + ⟨embed(y), Σ_positions φ(x)⟩, where φ is a plain
+    discriminator without its last layer and ψ that layer: the label enters by an inner product with
+    D's features instead of as extra input channels."""
+
+    def __init__(self, base: nn.Module, num_classes: int):
+        super().__init__()
+        self.body, self.head = base.net[:-1], base.net[-1]
+        width = self.head.in_channels if isinstance(self.head, nn.Conv2d) else self.head.in_features
+        self.embed = nn.Embedding(num_classes, width)
+        nn.init.normal_(self.embed.weight, 0.0, 0.02)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        features = self.body(x)
+        pooled = features.sum(dim=(2, 3)) if features.dim() == 4 else features
+        return self.head(features).flatten() + (self.embed(y) * pooled).sum(dim=1)
+
+
+class GaussianNoise(nn.Module):
+    """Adds N(0, std²) to its input in training mode only (the ACGAN table's "activation noise")."""
+
+    def __init__(self, std: float):
+        super().__init__()
+        self.std = std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.std * torch.randn_like(x) if self.training and self.std else x
+
+
+class ACGANGenerator(nn.Module):
+    """The ACGAN generator of assignment 002 (after Odena et al. 2017's CIFAR-10 network): z and the
+    one-hot label (110) -> Linear to 384·4·4 + ReLU -> ConvT 5×5 stride 2 to 192 (BN, ReLU) -> to 96
+    (BN, ReLU) -> to the image's channels (tanh). The table's "Linear 384" cannot reach 32×32 through
+    three stride-2 layers from 1×1: the linear layer produces a 4×4 map of 384 channels, and padding 2
+    with output padding 1 makes each layer double the side exactly: 4 -> 8 -> 16 -> 32."""
+
+    def __init__(self, input_dim: int, channels: int):
+        super().__init__()
+        self.project = nn.Sequential(nn.Linear(input_dim, 384 * 4 * 4), nn.ReLU(True))
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(384, 192, 5, 2, 2, output_padding=1), nn.BatchNorm2d(192), nn.ReLU(True),
+            nn.ConvTranspose2d(192, 96, 5, 2, 2, output_padding=1), nn.BatchNorm2d(96), nn.ReLU(True),
+            nn.ConvTranspose2d(96, channels, 5, 2, 2, output_padding=1), nn.Tanh())
+        self.apply(dcgan_init)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(self.project(z).view(len(z), 384, 4, 4))
+
+
+class ACGANDiscriminator(nn.Module):
+    """The ACGAN discriminator of assignment 002: six 3×3 convs (strides 2,1,2,1,2,1; channels 16 ...
+    512; BatchNorm on all but the first), each followed by LeakyReLU(0.2) and Dropout(0.5), then one
+    linear layer to 1 source logit and ``num_classes`` class logits, returned as (B, 1 + classes).
+    ``noise_std`` adds Gaussian noise to the input of every conv in training."""
+
+    def __init__(self, channels: int, num_classes: int, noise_std: float = 0.0, image_size: int = 32):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width, side = channels, image_size
+        for i, (out, stride) in enumerate(zip((16, 32, 64, 128, 256, 512), (2, 1, 2, 1, 2, 1))):
+            layers += [GaussianNoise(noise_std), nn.Conv2d(width, out, 3, stride, 1)]
+            layers += ([nn.BatchNorm2d(out)] if i else []) + [nn.LeakyReLU(0.2, True), nn.Dropout(0.5)]
+            width, side = out, side // stride
+        self.net = nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * side * side, 1 + num_classes))
+        self.apply(dcgan_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

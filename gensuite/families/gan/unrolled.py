@@ -29,5 +29,5 @@ def unrolled_state(D: nn.Module, d_loss: Callable[[State], torch.Tensor], steps:
     return {**params, **buffers}
 
 
-def call(D: nn.Module, state: State, x: torch.Tensor) -> torch.Tensor:
-    return functional_call(D, state, (x,))
+def call(D: nn.Module, state: State, *inputs: torch.Tensor) -> torch.Tensor:
+    return functional_call(D, state, inputs)
