@@ -368,3 +368,36 @@ def test_projection_discriminator_adds_the_label_inner_product():
         from_dict(GANConfig, {"conditioning": "cgan", "projection": True, "pack": 2}, "model")
     with pytest.raises(ConfigError, match="model.conditioning"):
         from_dict(GANConfig, {"conditioning": "acgan"}, "model")
+
+
+# -- through the training loop ----------------------------------------------------------------
+
+@pytest.mark.parametrize("model, dataset, tags", [
+    ({"loss": "wasserstein", "n_critic": 2}, "digits", {"D/critic_gap", "G/dead_units"}),
+    ({"loss": "wasserstein_gp", "r1_gamma": 1.0, "conditioning": "cgan"}, "digits",
+     {"D/gradient_penalty", "D/r1", "D/critic_gap"}),
+    ({"unroll_steps": 2, "pack": 2, "loss": "hinge"}, "moons", {"D/real_acc", "G/dead_units"}),
+])
+def test_zoo_settings_train_through_the_loop(shard_root, tmp_path, model, dataset, tags):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gensuite.checkpoint import latest_checkpoint
+    from gensuite.config import job_from_dict
+    from gensuite.trainer import train
+
+    flavor = "points" if dataset == "moons" else "debug"
+    job = job_from_dict({"name": "zoo", "family": "gan", "flavor": flavor, "model": model,
+                         "data": {"dataset": dataset, "root": str(shard_root), "shuffle_buffer": 64},
+                         "train": {"steps": 4, "batch_size": 16, "log_every": 2, "sample_every": 4,
+                                   "checkpoint_every": 4, "seed": 0},
+                         "log": {"grid_size": 20, "progress_bar": False}, "eval": {"metrics": []}})
+    train(job, tmp_path)
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert tags <= set(acc.Tags()["scalars"])
+    state = torch.load(latest_checkpoint(tmp_path), map_location="cpu", weights_only=False)
+    D = state["networks"]["D"]
+    if model.get("loss") == "wasserstein":  # clipped after every D step, so also in the checkpoint
+        assert max(v.abs().max().item() for k, v in D.items() if "running" not in k and v.is_floating_point()) <= 0.01
+    if model.get("conditioning"):
+        assert D["net.0.weight"].shape[1] == 1 + 10  # the label channels of D's first conv
