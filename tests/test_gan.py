@@ -2,6 +2,7 @@
 
 import copy
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -401,3 +402,39 @@ def test_zoo_settings_train_through_the_loop(shard_root, tmp_path, model, datase
         assert max(v.abs().max().item() for k, v in D.items() if "running" not in k and v.is_floating_point()) <= 0.01
     if model.get("conditioning"):
         assert D["net.0.weight"].shape[1] == 1 + 10  # the label channels of D's first conv
+
+
+@pytest.fixture(scope="module")
+def zoo_shards(tmp_path_factory):
+    """The zoo jobs' own data at their own sizes: digits at 32 px (ACGAN's table), the ring."""
+    from gensuite.data.shards import build
+
+    root = tmp_path_factory.mktemp("zoo_shards")
+    build("digits", None, str(root), size=32, progress=False)
+    build("ring", None, str(root), n=2000, progress=False)
+    return root
+
+
+ZOO_JOBS = ["gan_losses_digits", "cgan_digits", "acgan_digits", "gan_mode_collapse"]
+
+
+@pytest.mark.parametrize("name", ZOO_JOBS)
+def test_every_task_of_the_zoo_jobs_trains_two_steps(zoo_shards, tmp_path, name):
+    """The shipped digits/ring jobs, every sweep task of them, as written but for length and data root."""
+    import yaml
+
+    from gensuite.config import load_job
+    from gensuite.sweep import override_sets
+    from gensuite.trainer import train
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / f"{name}.yaml"
+    base = ["train.steps=2", "train.epochs=null", "train.batch_size=20", f"data.root={zoo_shards}", "eval.metrics=[]",
+            "log.progress_bar=false", "train.sample_every=2", "train.checkpoint_every=2"]
+    tasks = override_sets(load_job(path))
+    for i, overrides in enumerate(tasks):
+        swept = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+                 for k, v in overrides.items()]
+        job = load_job(path, base + swept + ["sweep.sets=[]", "sweep.grid={}"])
+        train(job, tmp_path / str(i))
+        assert (tmp_path / str(i) / "checkpoints" / "step-00000002.pt").is_file()
+    assert len(tasks) == {"gan_losses_digits": 6, "gan_mode_collapse": 4}.get(name, 1)
