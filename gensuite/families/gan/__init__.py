@@ -58,10 +58,10 @@ class GANConfig:
         if self.label_smoothing and not LOSSES[self.loss].smoothing:
             raise ConfigError("model.label_smoothing", f"the {self.loss} loss has no real-label target to smooth; "
                                                        f"set it to 0")
-        for key in ("gradient_penalty", "clip_weights"):
-            value = getattr(self, key)
-            if value is not None and value < 0 or key == "clip_weights" and value == 0:
-                raise ConfigError(f"model.{key}", "must be > 0 (or null for the loss's default)")
+        if self.gradient_penalty is not None and self.gradient_penalty < 0:
+            raise ConfigError("model.gradient_penalty", "must be >= 0 (0: off; null: the loss's own λ)")
+        if self.clip_weights is not None and self.clip_weights <= 0:
+            raise ConfigError("model.clip_weights", "must be > 0 (null: the loss's own bound, if any)")
         if self.r1_gamma < 0:
             raise ConfigError("model.r1_gamma", "must be >= 0 (0: off)")
         if self.pack < 1:
