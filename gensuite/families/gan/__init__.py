@@ -37,7 +37,7 @@ class GANConfig:
     r1_gamma: float = 0.0  # R1 penalty γ/2 E‖∇D(x)‖² on real data; 0: off
     pack: int = 1  # PacGAN: D judges `pack` samples at once (all real or all generated)
     unroll_steps: int = 0  # unrolled GAN: G's loss against D after this many look-ahead steps
-    unroll_lr: float = 0.1  # step size of those (plain gradient) look-ahead steps
+    unroll_lr: float = 0.01  # step size of those (plain gradient) look-ahead steps (0.1 diverged on the ring)
     conditioning: Literal["none", "cgan", "acgan"] = "none"  # class-conditional G(z | y); acgan: D classifies
     projection: bool = False  # cgan: projection discriminator (Miyato & Koyama) instead of label channels
     d_noise_std: float = 0.0  # acgan networks: Gaussian noise on the input of each of D's convs (training)
