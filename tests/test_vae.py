@@ -235,3 +235,77 @@ def test_vae_family_bounds_use_the_ema_networks_and_order_correctly():
     expected = (-bernoulli_nll(out, x) + log_normal_diag(z, torch.zeros_like(z), torch.zeros_like(z))
                 - log_normal_diag(z, mean, log_var))
     assert torch.allclose(one["elbo"], expected, atol=1e-5)
+
+
+def test_log_px_minus_elbo_is_the_kl_from_q_to_the_true_posterior():
+    """Assignment 004 Q1: log p(x) − ELBO(q) = KL(q(z|x) || p(z|x)) for any q, here an imperfect diagonal q
+    on the linear-Gaussian model, with log p(x), the posterior and the ELBO all in closed form (float64:
+    equal to rounding), and the ELBO's Monte-Carlo estimate within 4 standard errors."""
+    from gensuite.families.vae.objective import likelihood_bounds
+
+    W, b, x, sigma, log_px, post_mean, post_cov, log_px_given_z = _linear_gaussian()
+    q_mean, q_var = post_mean - 0.4, torch.diagonal(post_cov).expand_as(post_mean) * 0.6
+    elbo_closed = (D.Normal(x - q_mean @ W.T - b, sigma).log_prob(torch.zeros_like(x)).sum(-1)
+                   - (q_var @ (W**2).T).sum(-1) / (2 * sigma**2)
+                   - kl_standard_normal(q_mean, q_var.log()))
+    q = D.MultivariateNormal(q_mean, torch.diag_embed(q_var))
+    kl_to_posterior = D.kl_divergence(q, D.MultivariateNormal(post_mean, post_cov))
+    assert (kl_to_posterior > 0.5).all()  # q is far enough from the posterior for the check to mean something
+    assert torch.allclose(log_px - elbo_closed, kl_to_posterior, rtol=0, atol=1e-10)
+    g = torch.Generator().manual_seed(3)
+    chunks = torch.stack([likelihood_bounds(log_px_given_z, q_mean, q_var.log(), k=20_000, generator=g)["elbo"]
+                          for _ in range(10)])
+    standard_error = chunks.std(0) / math.sqrt(len(chunks))
+    assert ((log_px - chunks.mean(0) - kl_to_posterior).abs() < 4 * standard_error).all()
+
+
+def test_learned_prior_enters_the_kl_the_bounds_and_the_samples():
+    from gensuite.families.vae.objective import kl_normal_units
+
+    torch.manual_seed(8)
+    mq, lq, mp, lp = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)
+    expected = D.kl_divergence(D.Normal(mq, (0.5 * lq).exp()), D.Normal(mp, (0.5 * lp).exp()))
+    assert torch.allclose(kl_normal_units(mq, lq, mp, lp), expected, atol=1e-5)
+
+    fam = family(prior="learned")
+    torch.manual_seed(0)
+    nets = fam.build_networks()
+    assert set(nets) == {"encoder", "decoder", "prior"}
+    with torch.no_grad():
+        nets["prior"].mean.copy_(torch.tensor([0.5, -1.0]))
+        nets["prior"].log_var.fill_(math.log(0.25))  # σ_z = 0.5, one scalar: N(μ_z, σ_z² I)
+    x = torch.rand(5, 1, 28, 28)
+    terms = _loss(fam, nets, {"x": x})
+    mean, log_var = nets["encoder"](x)
+    expected = D.kl_divergence(D.Normal(mean, (0.5 * log_var).exp()), D.Normal(nets["prior"].mean, 0.5)).sum(1)
+    assert torch.allclose(terms["kl"], expected.mean(), atol=1e-4)
+    terms["loss"].backward()
+    assert nets["prior"].mean.grad.abs().sum() > 0 and nets["prior"].log_var.grad.abs() > 0  # it is learned
+    # k = 1: the bound is one draw's log p(x|z) + log N(z; μ_z, σ_z²) − log q(z|x).
+    one = fam.log_likelihood_bounds(Networks(nets), {"x": x}, k=1, generator=torch.Generator().manual_seed(5))
+    z = mean + (0.5 * log_var).exp() * torch.randn(mean.shape, generator=torch.Generator().manual_seed(5))
+    expected = (-bernoulli_nll(nets["decoder"](z)[0], x) + D.Normal(nets["prior"].mean, 0.5).log_prob(z).sum(1)
+                - D.Normal(mean, (0.5 * log_var).exp()).log_prob(z).sum(1))
+    assert torch.allclose(one["elbo"], expected, atol=1e-3)
+    # Samples are decoded from μ_z + σ_z ε.
+    eps = torch.randn(3, 2)
+    images = fam.sample(Networks(nets), {"z": eps, "y": torch.zeros(3, dtype=torch.long)})
+    assert torch.allclose(images, nets["decoder"](torch.tensor([0.5, -1.0]) + 0.5 * eps)[0].sigmoid())
+
+
+def test_decoder_variance_from_a_network_head_is_bounded_and_per_sample():
+    fam = family(likelihood="gaussian", variance="network", min_std=0.05)
+    torch.manual_seed(0)
+    nets = fam.build_networks()
+    z = torch.randn(6, 2) * 3
+    mean, log_std = nets["decoder"](z)
+    assert mean.shape == log_std.shape == (6, 1, 28, 28)
+    assert (log_std.exp() >= 0.05).all() and (log_std[0] != log_std[1]).any()  # σ(z) depends on z
+    x = torch.rand(6, 1, 28, 28)
+    expected = -D.Normal(mean, log_std.exp()).log_prob(x).flatten(1).sum(1)
+    assert torch.allclose(fam.reconstruction_nll(mean, log_std, x), expected, rtol=1e-5)
+    terms = _loss(fam, nets, {"x": x})
+    terms["loss"].backward()
+    assert nets["decoder"].std_head.weight.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="^model.variance: a network variance needs likelihood: gaussian"):
+        family(variance="network")

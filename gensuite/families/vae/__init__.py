@@ -1,4 +1,4 @@
-"""VAE, β-VAE and conditional VAE (CVAE)."""
+"""VAE, β-VAE, conditional VAE (CVAE) and hierarchical VAE, with remedies for posterior collapse."""
 
 from __future__ import annotations
 
@@ -10,24 +10,40 @@ import torch
 import torch.nn.functional as F
 
 from gensuite.errors import ConfigError
-from gensuite.families.vae.networks import Decoder, Encoder
-from gensuite.families.vae.objective import (bernoulli_nll, gaussian_nll, kl_standard_normal,
-                                             likelihood_bounds, reparameterize)
+from gensuite.families.vae.networks import Decoder, Encoder, Prior, UpperEncoder
+from gensuite.families.vae.objective import (bernoulli_nll, free_bits, gaussian_nll, importance_bounds, kl_weight,
+                                             layer_kl_units, log_normal_units, reparameterize)
 from gensuite.registry import Batch, GenerativeFamily, Networks, per_sample_normal, register
 
 
 @dataclass
 class VAEConfig:
-    latent_dim: int = 16
+    latent_dim: int = 16  # one stochastic layer; replaced by `hierarchy` when that is set
     encoder: Literal["mlp", "conv"] = "mlp"
     hidden: list[int] = field(default_factory=lambda: [512, 256])  # MLP encoder widths
     conv_channels: list[int] = field(default_factory=lambda: [16, 32, 32])  # conv encoder, each + 2x2 max-pool
     decoder_hidden: list[int] = field(default_factory=lambda: [256, 512])
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
-    variance: Literal["fixed", "learned"] = "fixed"  # gaussian only: per-pixel learned std or fixed_std
+    # gaussian only: fixed_std, one learned std per pixel, or σ(z) = min_std + softplus(a head on the decoder)
+    variance: Literal["fixed", "learned", "network"] = "fixed"
     fixed_std: float = 1.0  # 1.0: the reconstruction term is 0.5 * squared error + const (MSE)
+    min_std: float = 0.01  # variance: network keeps σ above this (constant pixels would make log p(x|z) → ∞)
     beta: float = 1.0  # weight of the KL term (β-VAE)
     conditional: bool = False  # CVAE: the label's one-hot enters encoder and decoder
+    prior: Literal["standard", "learned"] = "standard"  # p(z_L): N(0, I) or a learned N(μ_z, σ_z² I)
+    # Hierarchical VAE: latent sizes of z_1 .. z_L (bottom to top), p(x|z_1) p(z_1|z_2) .. p(z_L),
+    # q(z_1|x) q(z_2|z_1) .. q(z_L|z_{L-1}); [] is one layer of latent_dim.
+    hierarchy: list[int] = field(default_factory=list)
+    latent_hidden: list[int] = field(default_factory=lambda: [64])  # MLP widths of each q(z_l+1|z_l), p(z_l|z_l+1)
+    skip: bool = False  # the top layer z_L also enters the decoder (a skip connection past z_1)
+    # Against posterior collapse:
+    free_bits: float = 0.0  # λ nats per latent unit: the KL term of each unit is max(λ, batch mean of its KL)
+    kl_anneal: Literal["none", "linear", "cyclical"] = "none"  # schedule of the KL term's weight (times beta)
+    anneal_steps: int = 1000  # linear: warm-up steps to weight 1; cyclical: the period
+    anneal_ratio: float = 0.5  # cyclical: the fraction of each period over which the weight rises
+
+    def latent_sizes(self) -> list[int]:
+        return list(self.hierarchy) or [self.latent_dim]
 
     def __post_init__(self):
         if self.latent_dim < 1:
@@ -36,11 +52,27 @@ class VAEConfig:
             raise ConfigError("model.beta", "must be >= 0")
         if self.fixed_std <= 0:
             raise ConfigError("model.fixed_std", "must be > 0")
-        for name in ("hidden", "conv_channels", "decoder_hidden"):
+        for name in ("hidden", "conv_channels", "decoder_hidden", "latent_hidden"):
             if any(w < 1 for w in getattr(self, name)):
                 raise ConfigError(f"model.{name}", "layer widths must be >= 1")
-        if self.variance == "learned" and self.likelihood != "gaussian":
-            raise ConfigError("model.variance", "a learned variance needs likelihood: gaussian")
+        if self.variance != "fixed" and self.likelihood != "gaussian":
+            raise ConfigError("model.variance", f"a {self.variance} variance needs likelihood: gaussian")
+        if self.min_std <= 0:
+            raise ConfigError("model.min_std", "must be > 0")
+        if len(self.hierarchy) == 1:
+            raise ConfigError("model.hierarchy", "give two or more layer sizes, e.g. [16, 8]; for one layer use "
+                                                 "latent_dim and hierarchy: []")
+        if any(size < 1 for size in self.hierarchy):
+            raise ConfigError("model.hierarchy", "layer sizes must be >= 1")
+        if self.skip and not self.hierarchy:
+            raise ConfigError("model.skip", "a skip connection from the top layer needs a hierarchy, e.g. "
+                                            "hierarchy: [16, 8]; or set skip: false")
+        if self.free_bits < 0:
+            raise ConfigError("model.free_bits", "must be >= 0 nats per unit (0: off)")
+        if self.anneal_steps < 1:
+            raise ConfigError("model.anneal_steps", "must be >= 1")
+        if not 0 < self.anneal_ratio <= 1:
+            raise ConfigError("model.anneal_ratio", "must be in (0, 1]")
 
 
 @register
@@ -52,6 +84,9 @@ class VAE(GenerativeFamily):
         # Assignment 000 P7: 3 conv layers (16, 32, 32) each followed by 2x2 max-pool; decoder 32 then 64.
         "conv": {"encoder": "conv", "conv_channels": [16, 32, 32], "decoder_hidden": [32, 64], "latent_dim": 16},
         "debug": {"encoder": "mlp", "hidden": [32], "decoder_hidden": [32], "latent_dim": 2},
+        # Assignment 004 Q2: two stochastic layers, z_1 of 16 and z_2 of 8 units, MLPs throughout.
+        "hvae": {"encoder": "mlp", "hidden": [512, 256], "decoder_hidden": [256, 512], "hierarchy": [16, 8],
+                 "latent_hidden": [64]},
     }
 
     def __init__(self, cfg: VAEConfig, data):
@@ -62,18 +97,26 @@ class VAE(GenerativeFamily):
             raise ConfigError("model.encoder", f"conv needs images of at least {2 ** len(cfg.conv_channels)} pixels; "
                                                f"use encoder: mlp for {data.dataset}")
         self.cond_dim = data.num_classes if cfg.conditional else 0
+        self.sizes = cfg.latent_sizes()
+        self.has_prior_network = len(self.sizes) > 1 or cfg.prior == "learned"
 
     @property
     def conditional(self) -> bool:
         return self.cond_dim > 0
 
     def build_networks(self):
-        c, shape = self.cfg, self.data.shape
-        return {
-            "encoder": Encoder(shape, c.latent_dim, self.cond_dim, c.encoder, c.hidden, c.conv_channels),
-            "decoder": Decoder(shape, c.latent_dim, self.cond_dim, c.decoder_hidden,
-                               learned_variance=c.likelihood == "gaussian" and c.variance == "learned"),
+        c, shape, sizes = self.cfg, self.data.shape, self.sizes
+        nets = {
+            "encoder": Encoder(shape, sizes[0], self.cond_dim, c.encoder, c.hidden, c.conv_channels),
+            "decoder": Decoder(shape, sizes[0] + (sizes[-1] if c.skip else 0), self.cond_dim, c.decoder_hidden,
+                               learned_variance=c.likelihood == "gaussian" and c.variance == "learned",
+                               std_head=c.likelihood == "gaussian" and c.variance == "network", min_std=c.min_std),
         }
+        if len(sizes) > 1:
+            nets["encoder_upper"] = UpperEncoder(sizes, c.latent_hidden)
+        if self.has_prior_network:  # a plain VAE keeps its two networks (and its checkpoints' keys)
+            nets["prior"] = Prior(sizes, c.latent_hidden, learned=c.prior == "learned")
+        return nets
 
     def condition(self, y: torch.Tensor | None) -> torch.Tensor | None:
         return F.one_hot(y, self.data.num_classes).float() if self.cond_dim else None
@@ -88,20 +131,62 @@ class VAE(GenerativeFamily):
     def mean_image(self, out: torch.Tensor) -> torch.Tensor:
         return out.sigmoid() if self.cfg.likelihood == "bernoulli" else out.clamp(0, 1)
 
+    # -- the stochastic layers ------------------------------------------------------------------------
+
+    def posterior(self, get, x: torch.Tensor, cond: torch.Tensor | None, noise: list[torch.Tensor] | None = None):
+        """(mean, log-variance, draw) of q(z_1|x), q(z_2|z_1), ... with draws mean + σ · noise[l] (fresh
+        standard normals when ``noise`` is None); noise (k, N, U_l) gives k draws per sample.
+        ``get``: how networks are fetched (``nets.__getitem__`` to train, ``nets.ema`` to evaluate)."""
+        mean, log_var = get("encoder")(x, cond)
+        if noise is None:
+            z = reparameterize(mean, log_var)
+        else:
+            z = mean + (0.5 * log_var).exp() * noise[0]
+            mean, log_var = mean.expand_as(z), log_var.expand_as(z)
+        layers = [(mean, log_var, z)]
+        if len(self.sizes) > 1:
+            upper = noise[1:] if noise is not None else [torch.randn(*z.shape[:-1], u, device=z.device)
+                                                         for u in self.sizes[1:]]
+            layers += get("encoder_upper")(z, upper)
+        return layers
+
+    def prior_terms(self, get, zs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(mean, log-variance) of p(z_1|z_2), ..., p(z_L) at the draws ``zs``."""
+        if self.has_prior_network:
+            return get("prior")(zs)
+        return [(torch.zeros_like(zs[0]), torch.zeros_like(zs[0]))]
+
+    def decoder_input(self, zs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([zs[0], zs[-1]], dim=-1) if self.cfg.skip else zs[0]
+
+    def kl_units(self, q, p) -> list[torch.Tensor]:
+        return layer_kl_units(q, p, standard_top=not self.has_prior_network)
+
     def loss(self, player: str, nets: Networks, batch: Batch, step: int):
         x, cond = batch["x"], self.condition(batch.get("y"))
-        mean, log_var = nets["encoder"](x, cond)
-        out, log_std = nets["decoder"](reparameterize(mean, log_var), cond)
+        q = self.posterior(nets.__getitem__, x, cond)
+        zs = [z for _, _, z in q]
+        out, log_std = nets["decoder"](self.decoder_input(zs), cond)
         recon = self.reconstruction_nll(out, log_std, x).mean()
-        kl = kl_standard_normal(mean, log_var).mean()
+        kls = self.kl_units(q, self.prior_terms(nets.__getitem__, zs))  # per layer: (N, U_l)
+        layer_kl = [k.sum(1).mean() for k in kls]
+        kl = sum(layer_kl)
+        c = self.cfg
+        penalty = sum(free_bits(k, c.free_bits) for k in kls) if c.free_bits > 0 else kl
+        weight = kl_weight(step, c.kl_anneal, c.anneal_steps, c.anneal_ratio)
         neg_elbo = recon + kl
-        return {"loss": recon + self.cfg.beta * kl, "recon": recon, "kl": kl, "elbo": -neg_elbo,
-                "bpd": neg_elbo / (self.data.dim * math.log(2))}
+        terms = {"loss": recon + c.beta * weight * penalty, "recon": recon, "kl": kl, "elbo": -neg_elbo,
+                 "bpd": neg_elbo / (self.data.dim * math.log(2))}
+        if len(kls) > 1:  # model/kl_z1, model/kl_z2, ...: the ELBO's KL part layer by layer
+            terms.update({f"kl_z{l + 1}": v for l, v in enumerate(layer_kl)})
+        if c.kl_anneal != "none":
+            terms["kl_weight"] = recon.new_tensor(weight)
+        return terms
 
     likelihood_values = ("elbo", "iwae")
 
     def log_likelihood(self, nets: Networks, batch: Batch, k: int, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
-        eps = per_sample_normal(seeds, k, self.cfg.latent_dim).transpose(0, 1)  # (k, N, latent)
+        eps = per_sample_normal(seeds, k, sum(self.sizes)).transpose(0, 1)  # (k, N, all latent units)
         return self.log_likelihood_bounds(nets, batch, k, eps=eps.to(batch["x"].device))
 
     @torch.no_grad()
@@ -109,35 +194,57 @@ class VAE(GenerativeFamily):
                               generator: torch.Generator | None = None,
                               eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Per-sample ELBO and k-sample importance-weighted bound on log p(x), in nats, from the
-        EMA networks (bits/dim = −bound / (dim · ln 2))."""
+        EMA networks (bits/dim = −bound / (dim · ln 2)). ``eps``: standard normals (k, N, Σ U_l), the
+        layers' units side by side, z_1's first."""
+        x = batch["x"]
+        if eps is None:
+            eps = torch.randn((k, len(x), sum(self.sizes)), generator=generator)
+        return importance_bounds(self.log_weights(nets, batch, eps.to(x.device, x.dtype)))
+
+    def log_weights(self, nets: Networks, batch: Batch, eps: torch.Tensor) -> torch.Tensor:
+        """log p(x, z_1..z_L) − log q(z_1..z_L | x) at the draws made from ``eps`` (k, N, Σ U_l): (k, N)."""
         x, cond = batch["x"], self.condition(batch.get("y"))
-        mean, log_var = nets.ema("encoder")(x, cond)
-        decoder = nets.ema("decoder")
+        q = self.posterior(nets.ema, x, cond, list(eps.split(self.sizes, dim=-1)))
+        zs = [z for _, _, z in q]
+        k_, b = eps.shape[:2]
+        c = cond.repeat(k_, 1) if cond is not None else None
+        out, log_std = nets.ema("decoder")(self.decoder_input(zs).flatten(0, 1), c)
+        log_w = -self.reconstruction_nll(out, log_std, x.repeat(k_, *[1] * (x.dim() - 1))).view(k_, b)
+        for (q_mean, q_log_var, z), (p_mean, p_log_var) in zip(q, self.prior_terms(nets.ema, zs)):
+            log_w = log_w + (log_normal_units(z, p_mean, p_log_var) - log_normal_units(z, q_mean, q_log_var)).sum(-1)
+        return log_w
 
-        def log_px_given_z(z: torch.Tensor) -> torch.Tensor:
-            k_, b = z.shape[:2]
-            c = cond.repeat(k_, 1) if cond is not None else None
-            out, log_std = decoder(z.flatten(0, 1), c)
-            return -self.reconstruction_nll(out, log_std, x.repeat(k_, *[1] * (x.dim() - 1))).view(k_, b)
-
-        return likelihood_bounds(log_px_given_z, mean, log_var, k, generator, eps)
+    @torch.no_grad()
+    def latent_statistics(self, nets: Networks, batch: Batch, k: int, seeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer: E_q[z_l | x] (N, U_l) and the KL term per unit (N, U_l) of ``layer_kl_units``,
+        from the EMA networks. E_q[z_1|x] is the encoder's mean; higher layers' are the mean of q(z_l|z_{l-1})
+        averaged over k draws of the layers below, with the noise of sample i from ``seeds[i]``; the KL terms
+        are averaged over the same k draws (exact for a single layer)."""
+        x, cond = batch["x"], self.condition(batch.get("y"))
+        eps = per_sample_normal(seeds, k, sum(self.sizes)).transpose(0, 1).to(x.device, x.dtype)
+        q = self.posterior(nets.ema, x, cond, list(eps.split(self.sizes, dim=-1)))
+        kls = self.kl_units(q, self.prior_terms(nets.ema, [z for _, _, z in q]))
+        return [(mean.mean(0), kl.mean(0)) for (mean, _, _), kl in zip(q, kls)]
 
     def fixed_inputs(self, n: int, generator: torch.Generator):
         y = self.fixed_labels(n)
-        return {"z": torch.randn(len(y), self.cfg.latent_dim, generator=generator), "y": y}
+        return {"z": torch.randn(len(y), sum(self.sizes), generator=generator), "y": y}
 
     def sample(self, nets: Networks, fixed):
-        return self.mean_image(nets.ema("decoder")(fixed["z"], self.condition(fixed["y"]))[0])
+        noise = list(fixed["z"].split(self.sizes, dim=-1))
+        zs = nets.ema("prior").sample(noise) if self.has_prior_network else noise
+        return self.mean_image(nets.ema("decoder")(self.decoder_input(zs), self.condition(fixed["y"]))[0])
 
     def visuals(self, nets: Networks, fixed, reference: Batch):
         x = reference["x"][:32]
         y = reference.get("y")
         cond = self.condition(y[:32]) if y is not None else None
-        mean, _ = nets.ema("encoder")(x, cond)
-        recon = self.mean_image(nets.ema("decoder")(mean, cond)[0])  # the posterior mean: no sampling
+        zero = [torch.zeros(len(x), u, device=x.device) for u in self.sizes]
+        means = [m for m, _, _ in self.posterior(nets.ema, x, cond, zero)]  # no sampling: each layer's mean
+        recon = self.mean_image(nets.ema("decoder")(self.decoder_input(means), cond)[0])
         pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # original, reconstruction, ...
         out = {"samples": self.sample(nets, fixed), "reconstructions": pairs}
-        if self.cfg.latent_dim == 2:
+        if self.sizes[0] == 2:
             all_cond = self.condition(y) if y is not None else None
             out["latent"] = latent_scatter(nets.ema("encoder")(reference["x"], all_cond)[0], y, self.data.class_names)
         return out
@@ -159,3 +266,6 @@ def latent_scatter(mean: torch.Tensor, labels: torch.Tensor | None, class_names)
     ax.set_ylabel("z[1]")
     fig.tight_layout()
     return fig
+
+
+from . import metrics  # noqa: E402,F401  (registers the active_units metric)
