@@ -58,7 +58,7 @@ def test_every_family_conforms_and_its_abilities_work(shard_root, name):
 @pytest.mark.parametrize("name, classifies, likelihood, text", [
     ("classifier", True, False, False), ("vae", False, True, False), ("gan", False, False, False),
     ("stackgan", False, False, True), ("diffusion", False, True, False),
-    ("cnf", False, True, False), ("flow", False, True, False)])
+    ("cnf", False, True, False), ("flow", False, True, False), ("ebm", False, False, False)])
 def test_abilities_are_what_each_family_declares(shard_root, name, classifies, likelihood, text):
     from gensuite.evaluation import METRICS, _load_builtin
 

@@ -1,3 +1,3 @@
 """Built-in families; importing this package registers them."""
 
-from gensuite.families import classifier, cnf, diffusion, flow, gan, stackgan, vae  # noqa: F401
+from gensuite.families import classifier, cnf, diffusion, ebm, flow, gan, stackgan, vae  # noqa: F401
