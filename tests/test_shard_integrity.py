@@ -27,11 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def root(shard_root, tmp_path) -> Path:
-    """A private copy of the digits and moons sets to damage, its files aged a minute as if built earlier."""
+def root(shard_root, png_shard_root, tmp_path) -> Path:
+    """A private copy of the digits (PNG-encoded: these tests damage PNG members; raw records are
+    damaged in test_raw_shards.py) and moons sets, its files aged a minute as if built earlier."""
     copy = tmp_path / "shards"
-    for name in ("digits", "moons"):
-        shutil.copytree(shard_root / name, copy / name, ignore=shutil.ignore_patterns(".stats"))
+    for name, source in (("digits", png_shard_root), ("moons", shard_root)):
+        shutil.copytree(source / name, copy / name, ignore=shutil.ignore_patterns(".stats"))
     old = time.time_ns() - 60 * 10**9
     for path in copy.glob("*/*"):
         os.utime(path, ns=(old, old))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gensuite.data.pipeline import read_split
+from gensuite.data.pipeline import read_shards, read_split, split_shards
 from gensuite.data.shards import build, data_spec, read_manifest, sha256, shard_paths
 from gensuite.errors import GensuiteError
 
@@ -46,34 +46,49 @@ def mnist_fixture(folder: Path, gz: bool, n_train=20, n_test=7):
 
 
 def read_tars(paths):
-    """Samples of tar shards in order, read with the standard library (independent of the builder)."""
-    samples = {}
+    """Samples of tar shards in order, read with the standard library and numpy (independent of the
+    builder and the pipeline): a PNG set's member groups as stored, a raw set's records expanded into
+    one {"pixels": (H, W, C) uint8, "cls": label in ASCII} per sample."""
+    groups = {}
     for path in paths:
         with tarfile.open(path) as tar:
             for member in tar.getmembers():
                 key, ext = member.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return [samples[k] for k in sorted(samples)]
+                groups.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    samples = []
+    for key in sorted(groups):
+        group = groups[key]
+        if "x.npy" not in group:
+            samples.append(group)
+            continue
+        pixels, labels = (np.load(io.BytesIO(group[k])) for k in ("x.npy", "cls.npy"))
+        assert pixels.dtype == np.uint8 and labels.dtype == np.int64 and len(pixels) == len(labels)
+        samples += [{"pixels": p.transpose(1, 2, 0), "cls": str(label).encode()} for p, label in zip(pixels, labels)]
+    return samples
 
 
-def png_pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)))
+def png_pixels(sample: dict) -> np.ndarray:
+    """A sample's stored pixels, (H, W) for one channel, (H, W, C) else: decoded PNG or raw."""
+    if "pixels" in sample:
+        return sample["pixels"][:, :, 0] if sample["pixels"].shape[2] == 1 else sample["pixels"]
+    return np.asarray(Image.open(io.BytesIO(sample["png"])))
 
 
-@pytest.mark.parametrize("gz", [False, True])
-def test_mnist_idx_round_trip_pixel_for_pixel(tmp_path, gz):
+@pytest.mark.parametrize("gz, encoding", [(False, None), (True, None), (False, "png")])
+def test_mnist_idx_round_trip_pixel_for_pixel(tmp_path, gz, encoding):
     src = tmp_path / "src"
     src.mkdir()
     arrays = mnist_fixture(src, gz)
-    manifest = build("mnist", str(src), str(tmp_path / "out"), shard_size=8, progress=False)
+    manifest = build("mnist", str(src), str(tmp_path / "out"), shard_size=8, progress=False, encoding=encoding)
     assert manifest["shape"] == [1, 28, 28] and manifest["num_classes"] == 10
+    assert manifest["encoding"] == (encoding or "raw")  # the default for images of at most 64 px
     assert manifest["splits"]["train"]["samples"] == 20 and manifest["splits"]["test"]["samples"] == 7
     assert [s["samples"] for s in manifest["splits"]["train"]["shards"]] == [8, 8, 4]
     for split, (images, labels) in arrays.items():
         samples = read_tars(shard_paths(tmp_path / "out" / "mnist", split))
         assert len(samples) == len(images)
         for sample, image, label in zip(samples, images, labels):
-            assert np.array_equal(png_pixels(sample["png"]), image)
+            assert np.array_equal(png_pixels(sample), image)
             assert int(sample["cls"]) == label
     # The training pipeline decodes the same pixels.
     batch = read_split(tmp_path / "out" / "mnist", "test", 7)
@@ -81,7 +96,8 @@ def test_mnist_idx_round_trip_pixel_for_pixel(tmp_path, gz):
     assert batch["y"].tolist() == arrays["test"][1].tolist()
 
 
-def test_cifar10_pickles_round_trip_with_channel_planes(tmp_path):
+@pytest.mark.parametrize("encoding", ["raw", "png"])
+def test_cifar10_pickles_round_trip_with_channel_planes(tmp_path, encoding):
     src = tmp_path / "cifar-10-batches-py"
     src.mkdir()
     rng = np.random.default_rng(1)
@@ -96,7 +112,7 @@ def test_cifar10_pickles_round_trip_with_channel_planes(tmp_path):
         (src / name).write_bytes(pickle.dumps(batch))
         expected["test" if name == "test_batch" else "train"].append((images, labels))
     (src / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"airplane"] * 10, b"num_vis": 3072}))
-    manifest = build("cifar10", str(tmp_path), str(tmp_path / "out"), progress=False)
+    manifest = build("cifar10", str(tmp_path), str(tmp_path / "out"), progress=False, encoding=encoding)
     assert manifest["shape"] == [3, 32, 32] and manifest["class_names"][9] == "truck"
     for split, parts in expected.items():
         images = np.concatenate([p[0] for p in parts])
@@ -104,9 +120,9 @@ def test_cifar10_pickles_round_trip_with_channel_planes(tmp_path):
         samples = read_tars(shard_paths(tmp_path / "out" / "cifar10", split))
         assert len(samples) == len(images) == manifest["splits"][split]["samples"]
         for sample, image, label in zip(samples, images, labels):
-            assert np.array_equal(png_pixels(sample["png"]), image)
+            assert np.array_equal(png_pixels(sample), image)
             assert int(sample["cls"]) == label
-        assert png_pixels(samples[0]["png"])[0, 0].tolist() == [10, 20, 30]
+        assert png_pixels(samples[0])[0, 0].tolist() == [10, 20, 30]
 
 
 def test_digits_are_scikit_learns_and_the_manifest_is_complete(tmp_path):
@@ -125,7 +141,7 @@ def test_digits_are_scikit_learns_and_the_manifest_is_complete(tmp_path):
     train_order = [i for i in order if i not in set(order[-297:].tolist())]
     for sample, i in zip(samples[:50], train_order[:50]):
         assert int(sample["cls"]) == digits.target[i]
-        assert np.array_equal(png_pixels(sample["png"]), np.round(digits.images[i] * 255 / 16).astype(np.uint8))
+        assert np.array_equal(png_pixels(sample), np.round(digits.images[i] * 255 / 16).astype(np.uint8))
     spec = data_spec(read_manifest(folder))
     assert spec.shape == (1, 8, 8) and spec.samples == {"train": 1500, "test": 297}
 
@@ -194,14 +210,6 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
     assert not (tmp_path / "moons").exists()
 
 
-def tar_keys(paths) -> list[str]:
-    keys = set()
-    for path in paths:
-        with tarfile.open(path) as tar:
-            keys.update(m.name.split(".", 1)[0] for m in tar.getmembers())
-    return sorted(keys)
-
-
 def test_validation_split_takes_exactly_the_expected_training_samples(tmp_path):
     plain = build("digits", None, str(tmp_path / "plain"), size=8, progress=False)
     held = build("digits", None, str(tmp_path / "held"), size=8, validation=0.15, progress=False)
@@ -220,7 +228,8 @@ def test_validation_split_takes_exactly_the_expected_training_samples(tmp_path):
     validation = read_split(tmp_path / "held" / "digits", "validation", n)
     assert torch.equal(validation["x"], original["x"][chosen]) and torch.equal(validation["y"], original["y"][chosen])
     assert torch.equal(train["x"], original["x"][kept]) and torch.equal(train["y"], original["y"][kept])
-    assert tar_keys(shard_paths(tmp_path / "held" / "digits", "validation")) == [f"{i:08d}" for i in range(225)]
+    validation_keys = [s["__key__"] for s in read_shards(split_shards(held, tmp_path / "held" / "digits", "validation"))]
+    assert validation_keys == [f"{i:08d}" for i in range(225)]
 
 
 def test_changing_the_validation_fraction_rebuilds(tmp_path, capsys):

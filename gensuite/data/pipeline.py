@@ -10,12 +10,17 @@ Splitting: shards are split by node (rank) after a per-epoch shuffle; within a r
 workers split the rank's sequence batch by batch (worker w decodes batches w, w+W, ...). Splitting
 shards by worker instead would make the order depend on the worker count and break exact resume.
 
-Damage: a tar that cannot be read, or holds another number of samples than its manifest says, and a
-sample that does not decode (a field missing or unreadable, an image of another shape than the
-manifest's) are one-line errors naming the shard and the sample. With ``on_bad_sample="skip"`` a bad
-sample is left out of its batch (which is then smaller) instead, and counted in the batch's
-``SKIPPED`` entry: batch positions stay where they were, so the stream is still a pure function of
-its arguments.
+Encodings: a shard holds samples one per tar member group (png, npy) or raw records of many samples
+(see ``gensuite.data.shards``); ``read_shards`` expands a record into one item per sample, so every
+step after it (shuffle buffer, epoch quota, batches, worker split) is per sample and the same for
+both, and a raw set yields bitwise the batches of the PNG set built from the same data.
+
+Damage: a tar that cannot be read, or holds another number of samples than its manifest says, a raw
+record whose labels do not parse, and a sample that does not decode (a field missing or unreadable,
+an image of another shape than the manifest's) are one-line errors naming the shard and the sample.
+With ``on_bad_sample="skip"`` a bad sample (every sample of a bad raw record) is left out of its
+batch (which is then smaller) instead, and counted in the batch's ``SKIPPED`` entry: batch positions
+stay where they were, so the stream is still a pure function of its arguments.
 """
 
 from __future__ import annotations
@@ -35,10 +40,11 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from PIL import Image
 
-from gensuite.data.shards import read_manifest, rebuild_command
+from gensuite.data.shards import RECORD_X, RECORD_Y, read_manifest, rebuild_command
 from gensuite.errors import GensuiteError
 
 SKIPPED = "_skipped"  # on_bad_sample="skip": samples left out of a batch, an int64 scalar tensor in each batch
+RECORD = "__record__"  # a sample of a raw record: (Record, row)
 
 
 @dataclass(frozen=True)
@@ -63,25 +69,93 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
+class BadSample(ValueError):
+    """A sample field that does not decode; the message says which and why."""
+
+
+class Record:
+    """The member group of a raw record (``x.npy``, ``cls.npy``, extra fields), its fields parsed on
+    first use and kept (a field that does not parse is kept as its ``BadSample``). ``size``: samples."""
+
+    __slots__ = ("payloads", "parsed", "size")
+
+    def __init__(self, payloads: dict):
+        self.payloads, self.parsed, self.size = payloads, {}, None
+        labels = self.field(RECORD_Y)
+        if labels.ndim != 1 or labels.dtype != np.int64:
+            raise BadSample(f"{RECORD_Y} holds {labels.dtype} of shape {_shape(labels.shape)}, not int64 labels")
+        self.size = len(labels)
+
+    def field(self, key: str):
+        """The parsed member ``key`` (an array or list with one row per sample), or ``BadSample``."""
+        value = self.parsed.get(key)
+        if value is None:
+            try:
+                value = self._parse(key)
+            except BadSample as e:
+                value = e
+            self.parsed[key] = value
+        if isinstance(value, BadSample):
+            raise value
+        return value
+
+    def _parse(self, key: str):
+        if key not in self.payloads:
+            raise BadSample(f"no {key} field")
+        try:
+            if key.endswith(".json"):
+                value = json.loads(self.payloads[key].decode("utf-8"))
+                if not isinstance(value, list):
+                    raise ValueError("not a list")
+            elif not self.payloads[key].startswith(b"\x93NUMPY"):
+                raise BadSample(f"{key}: not an npy array")
+            else:
+                value = np.load(io.BytesIO(self.payloads[key]), allow_pickle=False)
+                if not value.flags.writeable:  # torch wants writable memory; one copy per record
+                    value = value.copy()
+        except BadSample:
+            raise
+        except Exception as e:
+            raise BadSample(f"{key}: {_reason(e)}") from None
+        if self.size is not None and len(value) != self.size:
+            raise BadSample(f"{key} holds {len(value)} rows for the record's {self.size} samples")
+        return value
+
+
+def _shape(shape) -> str:
+    return "x".join(map(str, shape))
+
+
 def read_shards(shards: list[ShardInfo]) -> Iterator[dict]:
-    """Undecoded samples of ``shards``, one after the other. A tar that cannot be read (truncated,
-    damaged), or that holds another number of samples than its manifest entry, is a one-line error."""
+    """Undecoded samples of ``shards``, one after the other; a raw record is expanded into its samples
+    (``{"__key__", "__url__", RECORD: (record, row)}``). A tar that cannot be read (truncated, damaged),
+    a record whose labels do not parse, or a tar that holds another number of samples than its manifest
+    entry, is a one-line error."""
     for shard in shards:
         count = 0
         try:
             for sample in wds.tarfile_to_samples()(iter([{"url": shard.path}])):
-                count += 1
-                yield sample
+                if RECORD_X not in sample:
+                    count += 1
+                    yield sample
+                    continue
+                try:
+                    record = Record(sample)
+                except BadSample as e:
+                    raise GensuiteError(f"{shard.path}: record {sample.get('__key__')} does not decode ({e}); "
+                                        f"rebuild with: {rebuild_command(Path(shard.path).parent)}") from None
+                first, url = int(sample["__key__"]), sample["__url__"]
+                for row in range(record.size):
+                    yield {"__key__": f"{first + row:08d}", "__url__": url, RECORD: (record, row)}
+                count += record.size
+        except GensuiteError:
+            raise
         except Exception as e:  # anything the tar reader raises means the file is damaged
             raise GensuiteError(f"{shard.path}: truncated or damaged tar, unreadable after {count} samples ({_reason(e)}); "
                                 f"rebuild with: {rebuild_command(Path(shard.path).parent)}") from None
         if count != shard.samples:
             raise GensuiteError(f"{shard.path}: holds {count} samples, manifest.json says {shard.samples}; "
                                 f"rebuild with: {rebuild_command(Path(shard.path).parent)}")
-
-
-class BadSample(ValueError):
-    """A sample field that does not decode; the message says which and why."""
 
 
 def _decoded(sample: dict, key: str, decode):
@@ -101,7 +175,9 @@ def decode_sample(sample: dict, kind: str, channels: int, fields: set[str] | Non
     """"x" and "y", plus the extra fields named in ``fields`` (None: all): <name>.npy -> tensor,
     <name>.png -> uint8 (3, H, W) tensor, <name>.json -> Python object. Skipped fields are never decoded,
     so a consumer pays nothing for large extras it does not use (e.g. high-resolution images). A field
-    that does not decode raises ``BadSample`` naming it."""
+    that does not decode raises ``BadSample`` naming it. A raw record's sample decodes to the same."""
+    if RECORD in sample:
+        return _record_sample(*sample[RECORD], fields)
     out = {"y": _decoded(sample, "cls", int)} if "cls" in sample else {}
     if kind == "image":
         image = _decoded(sample, "png", lambda v: np.asarray(
@@ -123,19 +199,34 @@ def decode_sample(sample: dict, kind: str, channels: int, fields: set[str] | Non
     return out
 
 
+def _record_sample(record: Record, row: int, fields: set[str] | None) -> dict:
+    out = {"y": int(record.field(RECORD_Y)[row]), "x": torch.from_numpy(record.field(RECORD_X)[row])}
+    for key in record.payloads:
+        name, _, ext = key.rpartition(".")
+        if not name or name in ("x", "cls") or (fields is not None and name not in fields):
+            continue
+        if ext == "npy":
+            out[name] = torch.from_numpy(record.field(key)[row])
+        elif ext == "json":
+            out[name] = record.field(key)[row]
+    return out
+
+
 def check_sample(sample: dict, kind: str, channels: int, shape: tuple[int, ...] | None = None,
                  fields: set[str] | None = None) -> dict:
     """``decode_sample`` for a set's samples: "cls" is required, and "x" must have the manifest's
-    ``shape`` (None: any) and, for points, float32; else ``BadSample``."""
-    if "cls" not in sample:
+    ``shape`` (None: any) and, for points, float32 (raw records' images: uint8); else ``BadSample``."""
+    if "cls" not in sample and RECORD not in sample:
         raise BadSample("no cls field")
     out = decode_sample(sample, kind, channels, fields)
     x = out["x"]
+    name = RECORD_X if RECORD in sample else "png" if kind == "image" else "npy"
     if shape is not None and tuple(x.shape) != tuple(shape):
-        raise BadSample(f"{'png' if kind == 'image' else 'npy'} has shape {'x'.join(map(str, x.shape))}, "
-                        f"the manifest says {'x'.join(map(str, shape))}")
-    if kind != "image" and x.dtype != torch.float32:
-        raise BadSample(f"npy holds {str(x.dtype).removeprefix('torch.')}, not float32")
+        raise BadSample(f"{name} has shape {_shape(x.shape)}, the manifest says {_shape(shape)}")
+    want = torch.uint8 if kind == "image" else torch.float32
+    if (kind != "image" or RECORD in sample) and x.dtype != want:
+        dtypes = (str(t).removeprefix("torch.") for t in (x.dtype, want))
+        raise BadSample(f"{name} holds {next(dtypes)}, not {next(dtypes)}")
     return out
 
 
@@ -145,6 +236,14 @@ def decode_batch(chunk: list[dict], kind: str, channels: int, shape: tuple[int, 
     error naming its shard and key, or, with ``on_bad_sample="skip"``, left out of the batch and
     counted under ``SKIPPED`` (a batch with no good sample left is an error still). ``skip_hint``: the
     error says the job may set ``data.on_bad_sample: skip``."""
+    if chunk and all(RECORD in sample for sample in chunk):
+        try:
+            batch = _record_batch(chunk, kind, shape, fields)
+            if on_bad_sample == "skip":
+                batch[SKIPPED] = torch.tensor(0)
+            return batch
+        except BadSample:
+            pass  # some record is bad: the per-sample path below names the sample (or skips it)
     decoded, bad = [], []
     for sample in chunk:
         try:
@@ -169,6 +268,41 @@ def decode_batch(chunk: list[dict], kind: str, channels: int, shape: tuple[int, 
     return batch
 
 
+def _record_batch(chunk: list[dict], kind: str, shape: tuple[int, ...] | None, fields: set[str] | None) -> dict:
+    """``collate`` of ``check_sample`` over samples of raw records, computed field by field over the
+    whole batch (each record checked once); ``BadSample`` if any record is bad."""
+    records = {}
+    for sample in chunk:
+        record = sample[RECORD][0]
+        records[id(record)] = record
+    want = np.uint8 if kind == "image" else np.float32
+    for record in records.values():
+        x = record.field(RECORD_X)
+        if x.dtype != want or (shape is not None and x.shape[1:] != tuple(shape)):
+            raise BadSample(RECORD_X)
+    rows = [sample[RECORD] for sample in chunk]
+
+    def column(key: str) -> list:
+        return [record.field(key)[row] for record, row in rows]
+
+    batch = {"y": torch.from_numpy(np.array(column(RECORD_Y))),
+             "x": _batch_tensor("x", torch.from_numpy(np.stack(column(RECORD_X))))}
+    for key in rows[0][0].payloads:
+        name, _, ext = key.rpartition(".")
+        if not name or name in ("x", "cls") or (fields is not None and name not in fields) or ext not in ("npy", "json"):
+            continue
+        values = column(key)
+        batch[name] = _batch_tensor(name, torch.from_numpy(np.stack(values))) if ext == "npy" else values
+    return batch
+
+
+def _batch_tensor(key: str, stacked: torch.Tensor) -> torch.Tensor:
+    """uint8 images (the samples, or any 4-d field) -> float in [0, 1]."""
+    if stacked.dtype == torch.uint8 and (key == "x" or stacked.ndim == 4):
+        return stacked.float().div_(255.0)
+    return stacked
+
+
 def collate(samples: list[dict]) -> dict:
     """Tensors are stacked (uint8 images -> float in [0, 1]), numbers become a tensor, anything else
     (captions and other JSON fields) stays a Python list."""
@@ -176,9 +310,7 @@ def collate(samples: list[dict]) -> dict:
     for key in samples[0]:
         values = [s[key] for s in samples]
         if isinstance(values[0], torch.Tensor):
-            batch[key] = torch.stack(values)
-            if batch[key].dtype == torch.uint8 and (key == "x" or batch[key].ndim == 4):
-                batch[key] = batch[key].float().div_(255.0)
+            batch[key] = _batch_tensor(key, torch.stack(values))
         elif isinstance(values[0], (int, float)) and not isinstance(values[0], bool):
             batch[key] = torch.tensor(values)
         else:

@@ -1,12 +1,27 @@
 """Shard sets: ``OUT/DATASET/{train,validation,test}-NNNNNN.tar`` plus ``manifest.json``.
 
-Samples: ``__key__`` (index in split), ``png`` (images) or ``npy`` (float32 points), ``cls``
-(the label in ASCII), plus any extra fields a reader yields: ``<name>.png`` (uint8 (H, W, C) images),
-``<name>.npy`` (other arrays, float32 or float16) or ``<name>.json`` (captions and other plain data); the
-manifest's ``fields`` lists them with their kind and shape. Tar members get a fixed mtime so rebuilding gives byte-identical shards and
-the manifest's sha256 values are reproducible. ``validation`` (a fraction f, any dataset) moves
-training sample i (in reader order) to a ``validation`` split iff floor((i+1)f) > floor(i f): exactly
-floor(n f) samples, evenly spread over the training order.
+Two encodings of images, recorded in the manifest's ``encoding`` (a manifest without it is ``png``):
+
+- ``png``: one tar member group per sample: ``__key__`` (index in split), ``png`` (the image), ``cls``
+  (the label in ASCII), plus any extra fields a reader yields: ``<name>.png`` (uint8 (H, W, C) images),
+  ``<name>.npy`` (other arrays, float32 or float16) or ``<name>.json`` (captions and other plain data).
+- ``raw`` (the default for images of at most 64 px a side): records of ``RECORD_SIZE`` consecutive
+  samples (fewer when a record would pass ``RECORD_BYTES``; the manifest's ``record_size``; a shard's
+  last record may be shorter), one member group per record, keyed by the index of its first sample:
+  ``x.npy`` (uint8 (K, C, H, W) pixels), ``cls.npy`` (int64 (K,) labels) and per extra field
+  ``<name>.npy`` (its K rows stacked; images as uint8 (K, C, H, W)) or ``<name>.json`` (a list of K
+  values). No PNG decode, and the tar reader's per-member cost is paid once per record instead of
+  once per sample. Readers expand a record into its samples, so shuffling, splitting and batching
+  are per sample, and a raw set yields bitwise the tensors of the PNG set built from the same data,
+  in the same order.
+
+Points are stored per sample as ``npy`` (float32) and ``cls`` (encoding ``npy``). The manifest's
+``fields`` lists the extra fields with their kind (``png`` for uint8 images, however encoded) and
+shape. Tar members get a fixed mtime so rebuilding gives byte-identical shards and the manifest's
+sha256 values are reproducible; verification (``verify``) hashes every shard whatever its encoding.
+``validation`` (a fraction f, any dataset) moves training sample i (in reader order) to a
+``validation`` split iff floor((i+1)f) > floor(i f): exactly floor(n f) samples, evenly spread over
+the training order.
 """
 
 from __future__ import annotations
@@ -36,6 +51,11 @@ from gensuite.data.sources import DATASETS, READERS, DatasetInfo
 BUILDER_VERSION = 1
 TAR_MTIME = 0.0
 GENERIC_PARAMS = {"validation": 0.0}  # build options of every dataset, with their defaults
+ENCODINGS = ("raw", "png")  # how image sets store their samples (points: always "npy")
+RAW_MAX_SIDE = 64  # image sets up to this many pixels a side default to raw, larger ones to png
+RECORD_SIZE = 128  # raw encoding: samples per record (one tar member group) ...
+RECORD_BYTES = 1 << 20  # ... or fewer, so that a record's arrays stay under 1 MiB (large images, extras)
+RECORD_X, RECORD_Y = "x.npy", "cls.npy"  # a raw record's pixel and label members
 
 
 def dataset_info(name: str) -> DatasetInfo:
@@ -69,10 +89,65 @@ def encode(sample: np.ndarray, kind: str) -> tuple[str, bytes]:
     return "png", buf.getvalue()
 
 
+def npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def default_encoding(kind: str, shape) -> str:
+    """``raw`` for images of at most ``RAW_MAX_SIDE`` px a side, ``png`` above; points: ``npy``."""
+    if kind != "image":
+        return "npy"
+    return "raw" if max(shape[1:]) <= RAW_MAX_SIDE else "png"
+
+
+def manifest_encoding(manifest: dict) -> str:
+    """The encoding a set was built with; sets built before the field existed are ``png`` (images)."""
+    return manifest.get("encoding") or ("png" if manifest.get("kind") == "image" else "npy")
+
+
+def check_extra_name(name: str) -> None:
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in ("x", "y", "cls"):
+        raise ValueError(f"extra field name {name!r}: use lower-case letters, digits and _ (not x, y or cls)")
+
+
+def record_size(sample: np.ndarray, extras: dict) -> int:
+    """Samples per raw record for samples like this one: ``RECORD_SIZE``, or fewer for large samples."""
+    nbytes = sample.nbytes + sum(v.nbytes for v in extras.values() if isinstance(v, np.ndarray))
+    return max(1, min(RECORD_SIZE, RECORD_BYTES // max(1, nbytes)))
+
+
+def encode_record(first: int, samples: list[np.ndarray], labels: list[int], extras: list[dict],
+                  fields: dict) -> dict:
+    """One raw record (see the module docstring) of consecutive samples, the first with index ``first``;
+    ``fields`` collects the manifest entries of the extra fields."""
+    entry = {"__key__": f"{first:08d}",
+             RECORD_X: npy_bytes(np.ascontiguousarray(np.stack(samples).transpose(0, 3, 1, 2))),
+             RECORD_Y: npy_bytes(np.asarray(labels, dtype=np.int64))}
+    for name in extras[0]:
+        check_extra_name(name)
+        values = [e[name] for e in extras]
+        first_value = values[0]
+        if isinstance(first_value, np.ndarray) and first_value.dtype == np.uint8 and first_value.ndim == 3:
+            entry[f"{name}.npy"] = npy_bytes(np.ascontiguousarray(np.stack(values).transpose(0, 3, 1, 2)))
+            field = {"kind": "png", "shape": [first_value.shape[2], first_value.shape[0], first_value.shape[1]]}
+        elif isinstance(first_value, np.ndarray):
+            dtype = np.float16 if first_value.dtype == np.float16 else np.float32
+            entry[f"{name}.npy"] = npy_bytes(np.stack([np.asarray(v, dtype=dtype) for v in values]))
+            field = {"kind": "npy", "shape": list(first_value.shape)}
+        elif isinstance(first_value, (str, list, dict)):
+            entry[f"{name}.json"] = json.dumps(values, ensure_ascii=False).encode("utf-8")
+            field = {"kind": "json", "shape": []}
+        else:
+            raise TypeError(f"extra field {name!r}: cannot store a {type(first_value).__name__}")
+        fields.setdefault(name, field)
+    return entry
+
+
 def encode_extra(name: str, value) -> tuple[str, bytes, dict]:
     """One extra field as (tar key, payload, manifest entry {"kind", "shape"}); shape (C, H, W) for png."""
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in ("x", "y"):
-        raise ValueError(f"extra field name {name!r}: use lower-case letters, digits and _ (not x or y)")
+    check_extra_name(name)
     if isinstance(value, np.ndarray) and value.dtype == np.uint8 and value.ndim == 3:
         _, payload = encode(value, "image")
         return f"{name}.png", payload, {"kind": "png", "shape": [value.shape[2], value.shape[0], value.shape[1]]}
@@ -217,9 +292,22 @@ def open_shard_set(shard_dir: str | Path, trust_cache: bool = True) -> dict:
     return manifest
 
 
+def resolve_encoding(info: DatasetInfo, shape, encoding: str | None) -> str:
+    """``--encoding`` checked against the dataset (None: the default for its kind and image size)."""
+    if encoding is None:
+        return default_encoding(info.kind, shape)
+    if info.kind != "image":
+        raise GensuiteError(f"--encoding: {info.name} holds points, always stored as npy; the option is for "
+                            f"image sets")
+    if encoding not in ENCODINGS:
+        raise GensuiteError(f"--encoding: unknown encoding {encoding!r}; choose one of {', '.join(ENCODINGS)}")
+    return encoding
+
+
 def build(dataset: str, src: str | None = None, out: str = "shards", shard_size: int | None = None,
-          progress: bool = True, **params) -> dict:
-    """Write (or verify) the shard set of ``dataset`` under ``out``; returns its manifest."""
+          progress: bool = True, encoding: str | None = None, **params) -> dict:
+    """Write (or verify) the shard set of ``dataset`` under ``out``; returns its manifest. ``encoding``:
+    ``raw`` or ``png`` for image sets (None: raw up to ``RAW_MAX_SIDE`` px a side, else png)."""
     import webdataset as wds
     from tqdm import tqdm
 
@@ -233,6 +321,8 @@ def build(dataset: str, src: str | None = None, out: str = "shards", shard_size:
     validation = validation_fraction(params["validation"])
     params["validation"] = float(validation)
     params["shard_size"] = shard_size or info.shard_size
+    shape = info.shape_for(params)
+    encoding = resolve_encoding(info, shape, encoding)
     folder = Path(out) / dataset
     manifest_path = folder / "manifest.json"
     if manifest_path.is_file():
@@ -245,6 +335,8 @@ def build(dataset: str, src: str | None = None, out: str = "shards", shard_size:
         if problem is None and (old.get("builder_version") != BUILDER_VERSION
                                 or {**GENERIC_PARAMS, **old.get("params", {})} != params):
             problem = "build options or builder version changed"
+        if problem is None and manifest_encoding(old) != encoding:
+            problem = f"encoding changed ({manifest_encoding(old)} -> {encoding})"
         problem = problem or verify(folder, old, trust_cache=False)
         if problem is None:
             shards = sum(len(s["shards"]) for s in old["splits"].values())
@@ -257,8 +349,14 @@ def build(dataset: str, src: str | None = None, out: str = "shards", shard_size:
     splits: dict[str, dict[str, Any]] = {}
     writers: dict[str, Any] = {}
     counts: dict[str, int] = {}
-    shape = info.shape_for(params)
+    pending: dict[str, list] = {}  # raw encoding: split -> [first index, samples, labels, extras] not yet written
+    samples_per_record = 0  # raw encoding: set from the first sample
     fields: dict[str, dict] = {}
+
+    def flush_record(split: str):
+        if split in pending:
+            first, samples, labels, extras = pending.pop(split)
+            writers[split].write(encode_record(first, samples, labels, extras, fields))
 
     def open_shard(split: str):
         index = len(splits[split]["shards"])
@@ -267,6 +365,7 @@ def build(dataset: str, src: str | None = None, out: str = "shards", shard_size:
         writers[split] = wds.TarWriter(str(folder / f".{name}.tmp"), mtime=TAR_MTIME)
 
     def close_shard(split: str):
+        flush_record(split)
         writers.pop(split).close()
         entry = splits[split]["shards"][-1]
         tmp, final = folder / f".{entry['file']}.tmp", folder / entry["file"]
@@ -288,13 +387,21 @@ def build(dataset: str, src: str | None = None, out: str = "shards", shard_size:
                 counts[split] = 0
             if split not in writers:
                 open_shard(split)
-            key, payload = encode(sample, info.kind)
-            entry = {"__key__": f"{counts[split]:08d}", key: payload, "cls": str(label).encode()}
-            for name, value in (rest[0] if rest else {}).items():
-                extra_key, extra_payload, field = encode_extra(name, value)
-                entry[extra_key] = extra_payload
-                fields.setdefault(name, field)
-            writers[split].write(entry)
+            if encoding == "raw":
+                samples_per_record = samples_per_record or record_size(sample, rest[0] if rest else {})
+                record = pending.setdefault(split, [counts[split], [], [], []])
+                for part, value in zip(record[1:], (sample, int(label), rest[0] if rest else {})):
+                    part.append(value)
+                if len(record[1]) == samples_per_record:
+                    flush_record(split)
+            else:
+                key, payload = encode(sample, info.kind)
+                entry = {"__key__": f"{counts[split]:08d}", key: payload, "cls": str(label).encode()}
+                for name, value in (rest[0] if rest else {}).items():
+                    extra_key, extra_payload, field = encode_extra(name, value)
+                    entry[extra_key] = extra_payload
+                    fields.setdefault(name, field)
+                writers[split].write(entry)
             counts[split] += 1
             splits[split]["samples"] += 1
             splits[split]["shards"][-1]["samples"] += 1
@@ -314,12 +421,15 @@ def build(dataset: str, src: str | None = None, out: str = "shards", shard_size:
         "dataset": dataset,
         "builder_version": BUILDER_VERSION,
         "kind": info.kind,
+        "encoding": encoding,
         "shape": list(shape),
         "num_classes": len(class_names),
         "class_names": list(class_names),
         "params": params,
         "splits": splits,
     }
+    if encoding == "raw":
+        manifest["record_size"] = samples_per_record
     if fields:
         manifest["fields"] = fields
     if described.get("text_encoder"):
@@ -328,7 +438,7 @@ def build(dataset: str, src: str | None = None, out: str = "shards", shard_size:
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, manifest_path)  # written last: its presence means the set is complete
     total = sum(s["samples"] for s in splits.values())
-    print(f"{dataset}: wrote {total} samples in {len(current)} shards to {folder}", file=sys.stderr)
+    print(f"{dataset}: wrote {total} samples in {len(current)} {encoding} shards to {folder}", file=sys.stderr)
     return manifest
 
 
@@ -400,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--validation", metavar="FRACTION",
                         help="move this fraction of the training samples, evenly spread, to a validation split "
                              "(default 0)")
+    parser.add_argument("--encoding", choices=ENCODINGS,
+                        help=f"image sets: raw (uint8 pixels in records of {RECORD_SIZE} samples, no decode) or png "
+                             f"(default: raw up to {RAW_MAX_SIDE} px a side, png above, e.g. cub)")
     parser.add_argument("--verify-only", action="store_true", help="check checksums; build nothing")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -412,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
             shards = sum(len(s["shards"]) for s in manifest["splits"].values())
             print(f"{args.dataset}: all {shards} shards verified", file=sys.stderr)
             return 0
-        build(args.dataset, args.src, args.out, args.shard_size, progress=not args.no_progress, **options)
+        build(args.dataset, args.src, args.out, args.shard_size, progress=not args.no_progress,
+              encoding=args.encoding, **options)
     except GensuiteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
