@@ -250,6 +250,9 @@ class EvalConfig:
     split: str = "test"  # real split the metrics use
     max_samples: Optional[int] = None  # evaluate the first N samples of the split (None: all)
     batch_size: int = 256
+    # Validation curves: every player's training objective on this many batches of batch_size from the start
+    # of the held-out split (validation if the shards have one, else `split`), capped by max_samples; 0: off
+    validation_batches: int = 4
     importance_samples: int = 64  # k of the importance-weighted likelihood bound
     seed: int = 1234  # evaluation noise, drawn per sample: the same on any number of ranks
     best: Optional[str] = None  # keep checkpoints/best.pt by this metric, e.g. iwae
@@ -265,6 +268,9 @@ class EvalConfig:
         _check(self.every is None or self.every >= 1, "eval.every", "must be >= 1 or null")
         _check(self.max_samples is None or self.max_samples >= 1, "eval.max_samples", "must be >= 1 or null")
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        _check(self.validation_batches >= 0, "eval.validation_batches",
+               f"{self.validation_batches} is negative; use the number of held-out batches for the validation "
+               f"curves (e.g. 4), or 0 to turn them off")
         _check(self.importance_samples >= 1, "eval.importance_samples", "must be >= 1")
         _check(self.n_samples >= 2, "eval.n_samples", "must be >= 2")
 

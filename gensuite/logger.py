@@ -225,6 +225,20 @@ class RunLogger:
             self.visuals(step, figures, family=None)
         self.info(f"step {step}: " + "  ".join(f"eval/{k}={v:.5g}" for k, v in scalars.items()))
 
+    def validation_values(self, step: int, values: dict[str, float], protocol: str | None = None) -> None:
+        """``{"<player>/<term>": value}`` on held-out data as ``val/<player>/<term>``, the pair of the
+        training curve ``<player>/<term>``."""
+        if not self.enabled:
+            return
+        with self._events():
+            if protocol:
+                self.writer.add_text("val/protocol", protocol, step)
+            for name, value in values.items():
+                self.writer.add_scalar(f"val/{name}", value, step)
+                self.last[f"val/{name}"] = value
+        shown = "  ".join(f"val/{k}={v:.5g}" for k, v in values.items() if k.endswith("/loss"))
+        self.info(f"step {step}: {shown}")
+
     def visuals(self, step: int, visuals: dict[str, Any], family) -> None:
         import matplotlib
 

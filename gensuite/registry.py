@@ -16,11 +16,15 @@ sampler. The training loop in ``gensuite.trainer`` knows nothing else about it. 
   ``set_conditions``, and keep them in their state so a checkpoint alone can sample; a
   ``TextConditioned`` family also draws for new text (``gensuite sample --text``);
 - optional abilities (``HasLikelihood``, ``Classifies``, ``TextConditioned``) are Protocols tested with
-  isinstance, and hooks (``initialize``, ``after_step``, per-rank state) default to doing nothing.
+  isinstance, and hooks (``initialize``, ``after_step``, per-rank state) default to doing nothing;
+- validation curves: ``validation_terms`` gives every player's loss terms on a held-out batch without
+  changing any training state (its default calls ``loss`` without gradients, or with them where
+  ``loss_needs_gradients`` says so; an EBM overrides it so its replay buffer is only read).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Protocol, runtime_checkable
@@ -199,6 +203,17 @@ class Family(Protocol):
     def load_rank_state_dict(self, state: dict[str, Any]) -> None:
         """This rank's state from ``rank_state_dict``, on a resume with the same rank count."""
 
+    def validation_terms(self, nets: Networks, batch: Batch, step: int) -> dict[str, dict[str, torch.Tensor]]:
+        """{player: its loss terms, detached} on a held-out batch: the validation curves beside the
+        training ones (``val/<player>/<term>``). Called with the raw networks in eval mode, their
+        parameters frozen, and the torch RNG seeded for this step and batch (restored afterwards); it must
+        leave every piece of training state (replay buffers, their generators) as it found it, which the
+        default does by restoring ``state_dict`` and ``rank_state_dict`` after calling ``loss``."""
+
+    def loss_needs_gradients(self, player: str) -> bool:
+        """``loss(player, ...)`` differentiates inside (a gradient penalty on D's input, unrolled
+        look-ahead steps), so the default ``validation_terms`` runs it with autograd on."""
+
 
 # -- declared abilities: optional parts of the contract, tested with isinstance ------------------
 
@@ -354,6 +369,28 @@ class GenerativeFamily:
     def load_rank_state_dict(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"{self.name}: unexpected per-rank state keys {sorted(state)}")
+
+    def validation_terms(self, nets: Networks, batch: Batch, step: int) -> dict[str, dict[str, torch.Tensor]]:
+        # ``loss`` itself, once per player: the same objective (and the same step-dependent weights,
+        # e.g. KL annealing) as the training curve, so the two are comparable. Without autograd unless
+        # the loss differentiates inside; with it, no graph reaches the (frozen) parameters either. A
+        # loss may change the family's own state (a counter, a record of its draws): what checkpoints
+        # hold of it is put back afterwards, so training and a resume continue as without validation.
+        # (A family whose state is large, an EBM's replay buffer, overrides this to only read it.)
+        shared, own = copy.deepcopy(self.state_dict()), copy.deepcopy(self.rank_state_dict())
+        out = {}
+        try:
+            for player in self.players():
+                with torch.enable_grad() if self.loss_needs_gradients(player.name) else torch.no_grad():
+                    terms = self.loss(player.name, nets, batch, step)
+                out[player.name] = {k: v.detach() for k, v in terms.items()}
+        finally:
+            self.load_state_dict(shared)
+            self.load_rank_state_dict(own)
+        return out
+
+    def loss_needs_gradients(self, player: str) -> bool:
+        return False
 
 
 def sampling_mode(family: Family):

@@ -2,7 +2,8 @@
 
 ``Trainer.run`` reads top to bottom: set up (data, networks, optimisers, resume), then iterate:
 each player of the family steps in turn (a GAN's D ``n_critic`` times, then G), EMA copies follow,
-and at fixed intervals the loop logs, draws sample grids and checkpoints. Families plug in through
+and at fixed intervals the loop logs, draws sample grids, computes the validation curves and the
+metrics (``eval.every`` and the end) and checkpoints. Families plug in through
 the contract in ``gensuite.registry`` (its hooks: ``initialize``, ``after_step``, per-rank state);
 each player steps through an engine from ``gensuite.distributed`` (plain/DDP or DeepSpeed), so the
 loop never asks which strategy runs.
@@ -30,6 +31,7 @@ from gensuite.data.shards import data_spec, open_shard_set
 from gensuite.distributed import (Runtime, StopRequest, node_name, player_engine, prepare_networks, rng_state,
                                   seed_everything, set_rng_state)
 from gensuite.errors import ConfigError, DiskFull, GensuiteError, Interrupted, AlreadyReported, TrainingDiverged
+from gensuite.evaluation.validation import ValidationPlan, validation_values
 from gensuite.logger import RunLogger
 from gensuite.registry import Family, Networks, Player, complete_job, get_family, sampling_mode
 
@@ -171,8 +173,11 @@ class Trainer:
         self._build_networks()
         self._build_optimizers()
         self.metrics = evaluation.resolve(job.eval, self.family)
+        evaluation.check_inputs(job.eval, self.metrics)
+        self.validation = ValidationPlan.of(job.eval, self.spec.samples)  # None: no validation curves
         self.best: dict[str, Any] = {}  # {"value", "step"} of eval.best so far
         self.protocol_logged = False  # the eval protocol text goes to TensorBoard once per run
+        self.validation_logged = False  # and the validation protocol
         self.step = 0
         self.consumed = 0  # micro-batches this rank has drawn: the data position
         self.logger = RunLogger(self.run_dir, job, enabled=self.rt.is_main,
@@ -343,6 +348,8 @@ class Trainer:
                  self.family.fixed_inputs(job.log.grid_size, torch.Generator().manual_seed(job.train.seed)).items()}
         for note in evaluation.skipped(job.eval, self.family):
             log.info(f"eval: skipping {note}")
+        if self.validation is None and job.eval.validation_batches:
+            log.info(f"eval: no validation curves: {self.spec.dataset} has no validation or {job.eval.split} split")
         reference = self._reference_batch()
         data = self._data()
         for m in self.modules.values():
@@ -366,8 +373,10 @@ class Trainer:
                     log.scalars(self.step, self._lrs())
             if self.step % job.train.sample_every == 0 or self.step == self.total_steps:
                 self.log_visuals(fixed, reference)
-            if self.metrics and (self.step == self.total_steps or (job.eval.every and self.step % job.eval.every == 0)):
-                self.run_evaluation()
+            if self.step == self.total_steps or (job.eval.every and self.step % job.eval.every == 0):
+                self.run_validation()
+                if self.metrics:
+                    self.run_evaluation()
             saved = self.step % job.train.checkpoint_every == 0 or self.step == self.total_steps
             if saved:
                 self.save()
@@ -377,6 +386,7 @@ class Trainer:
             # Another run's finished checkpoint, resumed to be evaluated (e.g. with another sampler).
             log.say(f"nothing to train: the checkpoint is at step {self.step} of {self.total_steps}; evaluating it")
             self.log_visuals(fixed, reference)
+            self.run_validation()
             if self.metrics:
                 self.run_evaluation()
         log.say(f"finished at step {self.step}; parameter checksum {self.parameter_checksum()}")
@@ -464,17 +474,47 @@ class Trainer:
             self.family, Networks(self.bare, {n: avg.module for n, avg in self.ema.items()}), self.shard_dir,
             self.job.eval, self.rt.device, self.rt.rank, self.rt.world_size, self.rt.sum_across_ranks)
 
-    def run_evaluation(self) -> dict[str, Any]:
-        """Every rank evaluates its share; rank 0 logs; a better ``eval.best`` value saves best.pt."""
-        ctx = self.eval_context()
+    @contextlib.contextmanager
+    def eval_mode(self, frozen: bool = False):
+        """Every network in eval mode (dropout off, BatchNorm on its running statistics, which then stay
+        as they are) and, with ``frozen``, no parameter requiring gradients; both restored afterwards."""
         modes = {n: m.training for n, m in self.bare.items()}
+        trainable = {n: [p.requires_grad for p in m.parameters()] for n, m in self.bare.items()}
         for m in self.bare.values():
             m.eval()
+            if frozen:
+                set_trainable(m, False)
         try:
-            values = evaluation.evaluate(self.metrics, ctx)
+            yield
         finally:
             for n, m in self.bare.items():
                 m.train(modes[n])
+                for p, flag in zip(m.parameters(), trainable[n]):
+                    p.requires_grad_(flag)
+
+    def run_validation(self) -> dict[str, float]:
+        """Every player's training objective on held-out batches (``gensuite.evaluation.validation``),
+        logged by rank 0 as ``val/<player>/<term>`` beside the training curves.
+
+        The raw networks the training curve comes from, not the EMA copies, so the two curves differ
+        only by the data (and by eval mode: no dropout, BatchNorm's running statistics). Nothing that
+        training reads changes: RNG states are restored, parameters frozen, buffers (BatchNorm's, an EBM's
+        replay buffer) untouched, so a run validating every step ends bitwise where one without does."""
+        if self.validation is None:
+            return {}
+        with self.eval_mode(frozen=True):
+            values = validation_values(self.eval_context(), self.validation, self.step, self.rt.autocast,
+                                       self.rt.gather_object)
+        first, self.validation_logged = not self.validation_logged, True
+        with self.rank0_writes():
+            self.logger.validation_values(self.step, values, self.validation.describe() if first else None)
+        return values
+
+    def run_evaluation(self) -> dict[str, Any]:
+        """Every rank evaluates its share; rank 0 logs; a better ``eval.best`` value saves best.pt."""
+        ctx = self.eval_context()
+        with self.eval_mode():
+            values = evaluation.evaluate(self.metrics, ctx)
         first, self.protocol_logged = not self.protocol_logged, True
         with self.rank0_writes():
             self.logger.eval_values(self.step, values, evaluation.protocol(self.metrics, ctx) if first else None)
@@ -520,15 +560,8 @@ class Trainer:
         if not self.rt.is_main:
             return
         nets = Networks(self.bare, {n: avg.module for n, avg in self.ema.items()})
-        modes = {n: m.training for n, m in self.bare.items()}
-        for m in self.bare.values():
-            m.eval()
-        try:
-            with sampling_mode(self.family):
-                visuals = self.family.visuals(nets, fixed, reference)
-        finally:
-            for n, m in self.bare.items():
-                m.train(modes[n])
+        with self.eval_mode(), sampling_mode(self.family):
+            visuals = self.family.visuals(nets, fixed, reference)
         with self.rank0_writes():
             self.logger.visuals(self.step, visuals, self.family)
 

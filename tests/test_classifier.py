@@ -13,7 +13,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from gensuite import checkpoint as ckpt
 from gensuite.config import job_from_dict
 from gensuite.data.pipeline import read_split
-from gensuite.data.shards import build
 from gensuite.evaluation import EvalContext
 from gensuite.evaluation.classification import VALUES, compute, describe
 from gensuite.sampling import draw, load_run
@@ -66,14 +65,6 @@ def test_classifier_on_points_trains_and_separates_the_moons(shard_root, tmp_pat
     acc.Reload()
     final = acc.Scalars("eval/accuracy")[-1]
     assert final.step == 150 and final.value > 0.85 and math.isfinite(acc.Scalars("eval/nll")[-1].value)
-
-
-@pytest.fixture(scope="module")
-def validation_root(tmp_path_factory) -> Path:
-    """Digits at 16x16 with 10% of the training samples held out: 1,350 train / 150 validation / 297 test."""
-    root = tmp_path_factory.mktemp("shards_validation")
-    build("digits", None, str(root), size=16, validation=0.1, progress=False)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -125,3 +125,18 @@ def test_judged_metrics_explain_what_they_need(runs, shard_root):
     ctx = EvalContext(family, None, shard_root / "digits", bad.eval, torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"^eval.classifier: .* is a vae run; name a classifier job's run"):
         judge(ctx)
+
+
+def test_a_missing_classifier_run_is_refused_before_the_first_step(shard_root, tmp_path):
+    """Not at the last step's evaluation, which comes before the final checkpoint: nothing is trained."""
+    missing = tmp_path / "no-such-classifier"
+    job = job_from_dict(raw_job(shard_root, "g", "gan", 2, eval_cfg={"metrics": ["clf_fid"],
+                                                                    "classifier": str(missing)}))
+    with pytest.raises(ConfigError, match=rf"^eval.classifier: {missing}: no such run directory or checkpoint "
+                                          r"file; train the classifier first"):
+        train(job, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+    # ... while a job that lists no classifier metric does not look for it
+    train(job_from_dict(raw_job(shard_root, "g", "gan", 2, eval_cfg={"metrics": [], "classifier": str(missing)})),
+          tmp_path / "run2")
+    assert any((tmp_path / "run2" / "checkpoints").iterdir())

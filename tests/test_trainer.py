@@ -13,6 +13,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from gensuite import checkpoint as ckpt
 from gensuite.config import job_from_dict
+from gensuite.data.shards import data_spec, read_manifest
 from gensuite.errors import TrainingDiverged
 from gensuite.registry import families
 from gensuite.trainer import Trainer, train
@@ -38,13 +39,24 @@ def events(run_dir) -> EventAccumulator:
 def test_every_family_debug_flavor_trains_through_the_loop(shard_root, tmp_path, name):
     cls = families()[name]
     assert "debug" in cls.flavors, f"family {name} needs a debug flavor"
-    metrics = train(make_job(shard_root, name, dataset=cls.debug_dataset, steps=4, checkpoint_every=4), tmp_path)
+    job = make_job(shard_root, name, dataset=cls.debug_dataset, steps=4, checkpoint_every=4)
+    metrics = train(job, tmp_path)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-00000004.pt"]
     state = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path))
     assert state["step"] == 4 and state["config"]["family"] == name
     losses = {k: v for k, v in metrics.items() if k.endswith("/loss")}
     assert losses and all(math.isfinite(v) for v in losses.values())
     assert list((tmp_path / "samples").glob("*-00000004.png"))  # its visuals (grids or figures)
+    # Validation curves (no eval.every: at the last step): every player's objective on held-out data, each
+    # term paired with the training curve of the same name, finite.
+    acc = events(tmp_path)
+    logged = set(acc.Tags()["scalars"])
+    validation = {t: acc.Scalars(t) for t in logged if t.startswith("val/")}
+    players = [p.name for p in cls(job.model, data_spec(read_manifest(shard_root / cls.debug_dataset))).players()]
+    assert {f"val/{p}/loss" for p in players} <= validation.keys()
+    for tag, values in validation.items():
+        assert tag.removeprefix("val/") in logged, tag
+        assert [e.step for e in values] == [4] and math.isfinite(values[0].value), tag
 
 
 def _params(run_dir):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from gensuite.data.pipeline import iterate_split
-from gensuite.errors import ConfigError
+from gensuite.errors import ConfigError, GensuiteError
 from gensuite.evaluation import EvalContext, Metric, generated_samples, register_metric
 from gensuite.evaluation.classification import confusion_figure
 from gensuite.registry import Classifies
@@ -102,6 +102,17 @@ def _needs_classifier(cfg) -> str | None:
             "(e.g. train jobs/classifier_digits.yaml first)")
 
 
+def _classifier_exists(cfg) -> None:
+    from gensuite import checkpoint as ckpt
+
+    try:
+        ckpt.resolve_checkpoint(cfg.classifier)
+    except GensuiteError as e:
+        raise ConfigError("eval.classifier", f"{e}; train the classifier first (e.g. gensuite train "
+                                             f"jobs/classifier_digits.yaml --run-dir {cfg.classifier}), or leave "
+                                             f"clf_fid and cond_acc out of eval.metrics") from None
+
+
 def _describe(name: str):
     def describe(ctx: EvalContext) -> str:
         return (f"{name}: {ctx.cfg.n_samples} generated samples (seed {ctx.cfg.seed}) judged by the classifier "
@@ -115,6 +126,7 @@ def _generates_images(family) -> bool:
 
 
 register_metric(Metric("clf_fid", {"clf_fid": False}, applies=_generates_images, needs=_needs_classifier,
-                       compute=clf_fid, describe=_describe("clf_fid")))
+                       check_inputs=_classifier_exists, compute=clf_fid, describe=_describe("clf_fid")))
 register_metric(Metric("cond_acc", {"cond_acc": True}, applies=lambda f: _generates_images(f) and f.conditional,
-                       needs=_needs_classifier, compute=cond_acc, describe=_describe("cond_acc")))
+                       needs=_needs_classifier, check_inputs=_classifier_exists, compute=cond_acc,
+                       describe=_describe("cond_acc")))

@@ -14,7 +14,8 @@ from gensuite.config import JobConfig, load_job, to_dict
 from gensuite.errors import GensuiteError
 from gensuite.logger import flatten
 
-NAMESPACES = ("lr", "perf", "eval", "final")  # scalar tags that are not a player's loss terms
+NAMESPACES = ("lr", "perf", "eval", "final", "val")  # scalar tags that are not a player's loss terms
+VALIDATION = "val/"  # val/<player>/<term>: the training curve <player>/<term> on held-out data
 SPLITS = ("train", "validation", "test")  # eval/<split>_<value> prefixes (classification)
 
 
@@ -133,6 +134,23 @@ class RunLog:
         return out
 
     @property
+    def validation_tags(self) -> list[str]:
+        """``val/<player>/<term>``: the loss terms on held-out data (``gensuite.evaluation.validation``)."""
+        return [t for t in self.scalars if t.startswith(VALIDATION) and t.count("/") >= 2]
+
+    @property
+    def loss_panels(self) -> dict[str, list[str]]:
+        """``{player: [<player>/<term>, ...]}``: one axes per term, showing its training curve and its
+        validation curve (``val/<player>/<term>``) where either was logged."""
+        out = {player: list(tags) for player, tags in self.players.items()}
+        for tag in self.validation_tags:
+            term = tag.removeprefix(VALIDATION)
+            panels = out.setdefault(term.split("/", 1)[0], [])
+            if term not in panels:
+                panels.append(term)
+        return out
+
+    @property
     def eval_tags(self) -> list[str]:
         return [t for t in self.scalars if t.startswith("eval/")]
 
@@ -142,8 +160,8 @@ class RunLog:
         return max(steps, default=0)
 
     def final(self) -> dict[str, tuple[int, float]]:
-        """The last ``(step, value)`` of every eval/ scalar, then of every loss term."""
-        tags = self.eval_tags + [t for tags in self.players.values() for t in tags]
+        """The last ``(step, value)`` of every eval/ scalar, then of every loss term, then of its validation."""
+        tags = self.eval_tags + [t for tags in self.players.values() for t in tags] + self.validation_tags
         return {t: self.scalars[t][-1] for t in tags if self.scalars[t]}
 
 

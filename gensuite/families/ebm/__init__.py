@@ -153,12 +153,32 @@ class EnergyBasedModel(GenerativeFamily):
         index, start = self.buffer.draw(n)
         return index, start.to(device)
 
+    def held_out_chain_starts(self, n: int, device) -> tuple[None, torch.Tensor]:
+        """Starting points for validation chains, from the torch RNG: a read-only draw of the replay
+        buffer (``ReplayBuffer.peek``), or uniform noise when there is none yet; nothing is written back."""
+        if self.buffer is None or not self.buffer.started:
+            return None, torch.rand(n, *self.data.shape, device=device) * (BOUNDS[1] - BOUNDS[0]) + BOUNDS[0]
+        return None, self.buffer.peek(n).to(device)
+
     def loss(self, player: str, nets: Networks, batch: Batch, step: int):
+        return self.contrastive_terms(nets, batch, self.chain_starts)
+
+    def validation_terms(self, nets: Networks, batch: Batch, step: int):
+        # The training objective on held-out positives, against negatives from the same sampler (chains
+        # from the buffer as it stands), but the buffer is only read: its entries and its generator stay
+        # as training left them. The chains need ∇ₓE, so autograd stays on (the parameters are frozen).
+        with torch.enable_grad():
+            terms = self.contrastive_terms(nets, batch, self.held_out_chain_starts)
+        return {self.players()[0].name: {k: v.detach() for k, v in terms.items()}}
+
+    def contrastive_terms(self, nets: Networks, batch: Batch, starts) -> dict[str, torch.Tensor]:
+        """The loss terms with negatives from chains started at ``starts(n, device)`` -> (buffer indices
+        the chain ends are written back to, or None; starting points)."""
         c = self.cfg
         x_pos = batch["x"] * 2 - 1
         if c.data_noise:
             x_pos = (x_pos + c.data_noise * torch.randn_like(x_pos)).clamp(*BOUNDS)
-        index, start = self.chain_starts(len(x_pos), x_pos.device)
+        index, start = starts(len(x_pos), x_pos.device)
         # The chains differentiate the bare network (not DDP's wrapper): only ∇ₓ, no parameter gradients.
         x_neg = self.langevin(nets.bare("energy"), start, c.langevin_steps)
         if index is not None:

@@ -82,6 +82,16 @@ class ReplayBuffer:
         start[fresh] = self.uniform(int(fresh.sum()))
         return index, start
 
+    def peek(self, n: int) -> torch.Tensor:
+        """``n`` starting points drawn like ``draw``'s (entries, a ``reinit_prob`` share replaced by
+        noise) but from the torch RNG and with replacement (any ``n``): the buffer and its generator are
+        left as they are (validation must not change the training chains)."""
+        low, high = self.bounds
+        start = self.samples[torch.randint(0, self.size, (n,))].clone()
+        fresh = torch.rand(n) < self.reinit_prob
+        start[fresh] = torch.rand(int(fresh.sum()), *self.shape) * (high - low) + low
+        return start
+
     def store(self, index: torch.Tensor, x: torch.Tensor) -> None:
         self.samples[index] = x.detach().to("cpu", torch.float32)
 

@@ -229,6 +229,22 @@ class GAN(GenerativeFamily):
             loss = loss + terms["class_loss"]
         return {"loss": loss, **terms}
 
+    def validation_terms(self, nets: Networks, batch: Batch, step: int):
+        # PacGAN's D judges whole groups of `pack` samples: a held-out batch (eval.batch_size, or a split
+        # smaller than that) is cut to whole groups rather than refused after training.
+        keep = len(batch["x"]) - len(batch["x"]) % self.cfg.pack
+        if keep == 0:
+            raise ConfigError("eval.batch_size", f"validation batches of {len(batch['x'])} hold no group of "
+                                                 f"pack={self.cfg.pack} samples; use at least {self.cfg.pack}")
+        return super().validation_terms(nets, {k: v[:keep] for k, v in batch.items()}, step)
+
+    def loss_needs_gradients(self, player: str) -> bool:
+        """D's gradient penalty and R1 differentiate D at its input; G's unrolled loss differentiates D's
+        look-ahead steps: their validation terms need autograd (on inputs only, parameters are frozen)."""
+        if player == "D":
+            return bool(self.penalty or self.cfg.r1_gamma)
+        return self.cfg.unroll_steps > 0
+
     def after_step(self, player: str, nets: Networks, step: int) -> None:
         if player == "D" and self.clip:
             clip_parameters(nets.bare("D"), self.clip)
