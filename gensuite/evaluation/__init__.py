@@ -46,6 +46,10 @@ class Metric:
     compute: Callable[[EvalContext], dict[str, Any]]  # the values (floats) and any figures
     describe: Callable[[EvalContext], str]  # the protocol, logged with the values
     needs: Callable[[EvalConfig], str | None] = lambda cfg: None  # what the config lacks, or None
+    default: bool = True  # run when eval.metrics is unset; False: only when listed (opt-in)
+    # raises a ConfigError when an input from outside the job (another run) is missing; the trainer calls
+    # it before the first step, so a run does not fail at its last step for want of it
+    check_inputs: Callable[[EvalConfig], None] = lambda cfg: None
 
     def values_for(self, family: Family) -> dict[str, bool]:
         return self.values(family) if callable(self.values) else self.values
@@ -61,7 +65,7 @@ def register_metric(metric: Metric) -> Metric:
 
 def _load_builtin() -> None:
     # imported for their side effect: each module registers its metrics
-    from gensuite.evaluation import classification, inception, judged, likelihood, modes  # noqa: F401
+    from gensuite.evaluation import classification, inception, judged, likelihood, modes, sharpness  # noqa: F401
 
 
 @contextlib.contextmanager
@@ -91,7 +95,7 @@ def resolve(cfg: EvalConfig, family: Family) -> list[Metric]:
     with evaluation_sampler(cfg, family):  # refused before the first step, not at the first evaluation
         pass
     if cfg.metrics is None:  # every metric that applies and whose inputs the job provides
-        chosen = [m for m in METRICS.values() if m.applies(family) and m.needs(cfg) is None]
+        chosen = [m for m in METRICS.values() if m.default and m.applies(family) and m.needs(cfg) is None]
     else:
         chosen = []
         for i, name in enumerate(cfg.metrics):
@@ -110,6 +114,12 @@ def resolve(cfg: EvalConfig, family: Family) -> list[Metric]:
             raise ConfigError("eval.best", f"{cfg.best!r} is not computed by this job's metrics; choose one of "
                                            f"{', '.join(sorted(produced)) or '(none)'}")
     return chosen
+
+
+def check_inputs(cfg: EvalConfig, metrics: list[Metric]) -> None:
+    """Before training: the inputs the chosen metrics read from other runs exist."""
+    for metric in metrics:
+        metric.check_inputs(cfg)
 
 
 def skipped(cfg: EvalConfig, family: Family) -> list[str]:

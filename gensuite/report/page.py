@@ -14,7 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 from gensuite.logger import hparams_of
-from gensuite.report.plots import curve_figures, write_images
+from gensuite.report.plots import _safe, curve_figures, write_images
 from gensuite.report.runs import RunLog, network_summary, run_data_spec
 
 
@@ -219,3 +219,39 @@ def report_run(run: RunLog, folder: Path, home: Link | None = None) -> Path:
 
 def _relpath(target: Path, folder: Path) -> str:
     return Path(os.path.relpath(target.resolve(), folder.resolve())).as_posix()
+
+
+# -- several runs: their latest sample grids side by side ------------------------------------------
+
+GRID_TAG = "samples/samples"
+GRID_VALUES = ("eval/sharpness", "eval/sharpness_real", "eval/sharpness_ratio", "eval/clf_fid")
+
+
+def latest_grid(run: RunLog, run_folder: Path, tag: str = GRID_TAG) -> tuple[int, Path] | None:
+    """(step, PNG) of the run's last ``tag`` image as ``write_images`` wrote it under ``run_folder``."""
+    frames = run.images.get(tag)
+    if not frames:
+        return None
+    step = frames[-1][0]
+    base = run_folder / "/".join(_safe(part) for part in tag.split("/"))
+    png = base.parent / f"{base.name}-step{step}.png"
+    return (step, png) if png.is_file() else None
+
+
+def grids_side_by_side(page: Page, runs: list[RunLog], folders: list[Path], folder: Path) -> None:
+    """One column per run: its latest sample grid, the step, then its sharpness values and clf_fid
+    where logged (``GRID_VALUES``); nothing when no run logged a grid."""
+    grids = [latest_grid(run, f) for run, f in zip(runs, folders)]
+    if not any(grids):
+        return
+    finals = [run.final() for run in runs]
+    rows = [["grid", *[Img(f"{r.label}: {GRID_TAG} at step {g[0]}", _rel(g[1], folder)) if g else "—"
+                       for r, g in zip(runs, grids)]],
+            ["step", *[g[0] if g else "—" for g in grids]]]
+    rows += [[f"`{tag}`", *[_fmt(f[tag][1]) if tag in f else "—" for f in finals]]
+             for tag in GRID_VALUES if any(tag in f for f in finals)]
+    page.heading("Samples side by side")
+    page.para(f"Each run's last `{GRID_TAG}` grid. `sharpness` is the mean variance of the 3×3 Laplacian of "
+              f"generated samples, `sharpness_real` the same on the evaluation split, `sharpness_ratio` their "
+              f"ratio (below 1: blurrier than the data).")
+    page.table(["", *[r.label for r in runs]], rows)

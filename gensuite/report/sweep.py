@@ -1,5 +1,6 @@
 """The comparison of several runs (a sweep root, or runs given together): a sub-report per run, the
-final metrics against the settings that differ (also as CSV), and every curve overlaid.
+final metrics against the settings that differ (also as CSV), the runs' last sample grids side by side
+with their sharpness and clf_fid, and every curve overlaid.
 """
 
 from __future__ import annotations
@@ -7,7 +8,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from gensuite.report.page import Link, Page, _figure_section, _fmt, _rel, report_run
+from gensuite.report.page import Link, Page, _figure_section, _fmt, _rel, grids_side_by_side, report_run
 from gensuite.report.plots import _safe, overlay_figures
 from gensuite.report.runs import RunLog, swept_values
 
@@ -39,6 +40,7 @@ def report_runs(runs: list[RunLog], folder: Path, title: str, pending: list[str]
                          *[fin[m][1] if m in fin else "" for m in metrics]]
                         for n, (r, fin) in enumerate(zip(runs, finals)))
     page.para("As CSV: ", Link("comparison.csv", "comparison.csv"))
+    grids_side_by_side(page, runs, [folder / r.label for r in runs], folder)
     if pending:
         page.para("Not started or nothing logged yet: " + ", ".join(pending))
     _figure_section(page, "Curves of all runs", overlay_figures(runs, folder / "comparison"), folder)

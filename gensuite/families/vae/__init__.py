@@ -1,15 +1,18 @@
-"""VAE, β-VAE, conditional VAE (CVAE) and hierarchical VAE, with remedies for posterior collapse."""
+"""VAE, β-VAE, conditional VAE (CVAE) and hierarchical VAE, with remedies for posterior collapse;
+categorical latents with the Gumbel-softmax relaxation (``categorical.py``); an EfficientNet-B0
+encoder (``effnet.py``)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 
 from gensuite.errors import ConfigError
+from gensuite.families.vae import categorical as cat
 from gensuite.families.vae.networks import Decoder, Encoder, Prior, UpperEncoder
 from gensuite.families.vae.objective import (bernoulli_nll, free_bits, gaussian_nll, importance_bounds, kl_weight,
                                              layer_kl_units, log_normal_units, reparameterize)
@@ -19,9 +22,21 @@ from gensuite.registry import Batch, GenerativeFamily, Networks, per_sample_norm
 @dataclass
 class VAEConfig:
     latent_dim: int = 16  # one stochastic layer; replaced by `hierarchy` when that is set
-    encoder: Literal["mlp", "conv"] = "mlp"
+    # z: a diagonal Gaussian, or `categorical_vars` one-hot categoricals of `categories` each (Gumbel-softmax)
+    latent: Literal["gaussian", "categorical"] = "gaussian"
+    categorical_vars: int = 20  # categorical: N variables (latent_dim is ignored)
+    categories: int = 10  # categorical: K categories per variable
+    temperature: float = 1.0  # categorical: initial λ of the relaxation
+    temperature_min: float = 0.5  # categorical: λ = max(temperature_min, temperature * exp(-anneal_rate * step))
+    anneal_rate: float = 0.0  # categorical: r of the temperature schedule (0: constant λ)
+    straight_through: bool = False  # categorical: hard one-hot forward pass, the relaxed sample's gradient
+    encoder: Literal["mlp", "conv", "efficientnet_b0"] = "mlp"
     hidden: list[int] = field(default_factory=lambda: [512, 256])  # MLP encoder widths
     conv_channels: list[int] = field(default_factory=lambda: [16, 32, 32])  # conv encoder, each + 2x2 max-pool
+    # efficientnet_b0: a torchvision efficientnet_b0 state dict file (or of its `features`), or `random`
+    encoder_weights: Optional[str] = None
+    encoder_resize: int = 64  # efficientnet_b0: images are resized to this many pixels
+    freeze_encoder: bool = False  # efficientnet_b0: keep the trunk's weights (and batch-norm statistics) fixed
     decoder_hidden: list[int] = field(default_factory=lambda: [256, 512])
     likelihood: Literal["bernoulli", "gaussian"] = "bernoulli"
     # gaussian only: fixed_std, one learned std per pixel, or σ(z) = min_std + softplus(a head on the decoder)
@@ -73,6 +88,53 @@ class VAEConfig:
             raise ConfigError("model.anneal_steps", "must be >= 1")
         if not 0 < self.anneal_ratio <= 1:
             raise ConfigError("model.anneal_ratio", "must be in (0, 1]")
+        self._check_categorical()
+        self._check_encoder()
+
+    def _check_categorical(self):
+        if self.latent != "categorical":
+            if self.straight_through:
+                raise ConfigError("model.straight_through", "applies to latent: categorical; set it to false")
+            return
+        if self.categorical_vars < 1:
+            raise ConfigError("model.categorical_vars", "must be >= 1")
+        if self.categories < 2:
+            raise ConfigError("model.categories", "must be >= 2")
+        if self.temperature <= 0 or self.temperature_min <= 0:
+            raise ConfigError("model.temperature" if self.temperature <= 0 else "model.temperature_min", "must be > 0")
+        if self.temperature_min > self.temperature:
+            raise ConfigError("model.temperature_min", f"must be <= model.temperature ({self.temperature:g}): the "
+                                                       f"schedule anneals downwards")
+        if self.anneal_rate < 0:
+            raise ConfigError("model.anneal_rate", "must be >= 0 (0: constant temperature)")
+        if self.hierarchy:
+            raise ConfigError("model.hierarchy", "a categorical latent is one layer; set hierarchy: [] or "
+                                                 "latent: gaussian")
+        if self.prior != "standard":
+            raise ConfigError("model.prior", "a categorical latent has the uniform prior; set prior: standard or "
+                                             "latent: gaussian")
+
+    def _check_encoder(self):
+        if self.encoder != "efficientnet_b0":
+            for name in ("encoder_weights", "freeze_encoder"):
+                if getattr(self, name):
+                    raise ConfigError(f"model.{name}", f"applies to encoder: efficientnet_b0; remove it for "
+                                                       f"encoder: {self.encoder}")
+            return
+        if not self.encoder_weights:
+            raise ConfigError("model.encoder_weights", "efficientnet_b0 needs its weights: the path of torchvision's "
+                                                       "efficientnet_b0 state dict (efficientnet_b0_rwightman-7f5810bc"
+                                                       ".pth), or random for a random initialisation")
+        if self.encoder_resize < 16:
+            raise ConfigError("model.encoder_resize", "must be >= 16 pixels (efficientnet_b0 downsamples by 32)")
+
+    @property
+    def categorical(self) -> bool:
+        return self.latent == "categorical"
+
+    @property
+    def pretrained_encoder(self) -> bool:
+        return self.encoder == "efficientnet_b0" and self.encoder_weights != "random"
 
 
 @register
@@ -87,7 +149,20 @@ class VAE(GenerativeFamily):
         # Assignment 004 Q2: two stochastic layers, z_1 of 16 and z_2 of 8 units, MLPs throughout.
         "hvae": {"encoder": "mlp", "hidden": [512, 256], "decoder_hidden": [256, 512], "hierarchy": [16, 8],
                  "latent_hidden": [64]},
+        # Assignment 000 Q2 / Jang et al. 2017: 20 categorical variables of 10 categories, Gumbel-softmax,
+        # 512-256 MLP encoder and 256-512 MLP decoder, λ annealed from 1 towards 0.5.
+        "gumbel": {"latent": "categorical", "categorical_vars": 20, "categories": 10, "encoder": "mlp",
+                   "hidden": [512, 256], "decoder_hidden": [256, 512], "temperature": 1.0, "temperature_min": 0.5,
+                   "anneal_rate": 3e-4},
     }
+
+    @classmethod
+    def complete_config(cls, cfg: VAEConfig) -> VAEConfig:
+        if cfg.pretrained_encoder:  # checked before the run starts (and by `gensuite validate --data`)
+            from gensuite.families.vae.effnet import check_weights_file
+
+            check_weights_file(cfg.encoder_weights)
+        return cfg
 
     def __init__(self, cfg: VAEConfig, data):
         super().__init__(cfg, data)
@@ -96,9 +171,14 @@ class VAE(GenerativeFamily):
         if cfg.encoder == "conv" and (data.kind != "image" or data.image_size < 2 ** len(cfg.conv_channels)):
             raise ConfigError("model.encoder", f"conv needs images of at least {2 ** len(cfg.conv_channels)} pixels; "
                                                f"use encoder: mlp for {data.dataset}")
+        if cfg.encoder == "efficientnet_b0" and data.kind != "image":
+            raise ConfigError("model.encoder", f"efficientnet_b0 encodes images; use encoder: mlp for {data.dataset}")
         self.cond_dim = data.num_classes if cfg.conditional else 0
-        self.sizes = cfg.latent_sizes()
+        self.categorical = cfg.categorical
+        # A categorical latent is one layer of N·K one-hot inputs to the decoder.
+        self.sizes = [cfg.categorical_vars * cfg.categories] if self.categorical else cfg.latent_sizes()
         self.has_prior_network = len(self.sizes) > 1 or cfg.prior == "learned"
+        self.initializes_from_data = cfg.pretrained_encoder  # initialize() reads the encoder's weights file
 
     @property
     def conditional(self) -> bool:
@@ -107,7 +187,8 @@ class VAE(GenerativeFamily):
     def build_networks(self):
         c, shape, sizes = self.cfg, self.data.shape, self.sizes
         nets = {
-            "encoder": Encoder(shape, sizes[0], self.cond_dim, c.encoder, c.hidden, c.conv_channels),
+            "encoder": Encoder(shape, sizes[0], self.cond_dim, c.encoder, c.hidden, c.conv_channels,
+                               categorical=self.categorical, resize=c.encoder_resize, freeze=c.freeze_encoder),
             "decoder": Decoder(shape, sizes[0] + (sizes[-1] if c.skip else 0), self.cond_dim, c.decoder_hidden,
                                learned_variance=c.likelihood == "gaussian" and c.variance == "learned",
                                std_head=c.likelihood == "gaussian" and c.variance == "network", min_std=c.min_std),
@@ -117,6 +198,13 @@ class VAE(GenerativeFamily):
         if self.has_prior_network:  # a plain VAE keeps its two networks (and its checkpoints' keys)
             nets["prior"] = Prior(sizes, c.latent_hidden, learned=c.prior == "learned")
         return nets
+
+    def initialize(self, nets: Networks, batch: Batch) -> None:
+        """The pretrained EfficientNet trunk from ``model.encoder_weights``, before the first step (a
+        resumed run loads its checkpoint over it; sampling needs only the checkpoint)."""
+        from gensuite.families.vae.effnet import trunk_state_dict
+
+        nets["encoder"].features.load_trunk(trunk_state_dict(self.cfg.encoder_weights), self.cfg.encoder_weights)
 
     def condition(self, y: torch.Tensor | None) -> torch.Tensor | None:
         return F.one_hot(y, self.data.num_classes).float() if self.cond_dim else None
@@ -162,16 +250,27 @@ class VAE(GenerativeFamily):
     def kl_units(self, q, p) -> list[torch.Tensor]:
         return layer_kl_units(q, p, standard_top=not self.has_prior_network)
 
+    def logits(self, get, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """Categorical latent: the logits of q(z|x), (B, N, K)."""
+        return get("encoder")(x, cond)[0].unflatten(-1, (self.cfg.categorical_vars, self.cfg.categories))
+
     def loss(self, player: str, nets: Networks, batch: Batch, step: int):
         x, cond = batch["x"], self.condition(batch.get("y"))
-        q = self.posterior(nets.__getitem__, x, cond)
-        zs = [z for _, _, z in q]
+        c, extra = self.cfg, {}
+        if self.categorical:  # one relaxed draw of N one-hots; the KL to the uniform prior exactly
+            logits = self.logits(nets.__getitem__, x, cond)
+            tau = cat.temperature(step, c.temperature, c.temperature_min, c.anneal_rate)
+            zs = [cat.gumbel_softmax(logits, tau, hard=c.straight_through).flatten(1)]
+            kls = [cat.kl_uniform_units(logits)]  # per variable: (B, N)
+            extra["temperature"] = x.new_tensor(tau)
+        else:
+            q = self.posterior(nets.__getitem__, x, cond)
+            zs = [z for _, _, z in q]
+            kls = self.kl_units(q, self.prior_terms(nets.__getitem__, zs))  # per layer: (N, U_l)
         out, log_std = nets["decoder"](self.decoder_input(zs), cond)
         recon = self.reconstruction_nll(out, log_std, x).mean()
-        kls = self.kl_units(q, self.prior_terms(nets.__getitem__, zs))  # per layer: (N, U_l)
         layer_kl = [k.sum(1).mean() for k in kls]
         kl = sum(layer_kl)
-        c = self.cfg
         penalty = sum(free_bits(k, c.free_bits) for k in kls) if c.free_bits > 0 else kl
         weight = kl_weight(step, c.kl_anneal, c.anneal_steps, c.anneal_ratio)
         neg_elbo = recon + kl
@@ -181,7 +280,7 @@ class VAE(GenerativeFamily):
             terms.update({f"kl_z{l + 1}": v for l, v in enumerate(layer_kl)})
         if c.kl_anneal != "none":
             terms["kl_weight"] = recon.new_tensor(weight)
-        return terms
+        return {**terms, **extra}
 
     likelihood_values = ("elbo", "iwae")
 
@@ -202,12 +301,17 @@ class VAE(GenerativeFamily):
         return importance_bounds(self.log_weights(nets, batch, eps.to(x.device, x.dtype)))
 
     def log_weights(self, nets: Networks, batch: Batch, eps: torch.Tensor) -> torch.Tensor:
-        """log p(x, z_1..z_L) − log q(z_1..z_L | x) at the draws made from ``eps`` (k, N, Σ U_l): (k, N)."""
+        """log p(x, z_1..z_L) − log q(z_1..z_L | x) at the draws made from ``eps`` (k, N, Σ U_l): (k, N).
+        Categorical latent: at one-hot draws z ~ q(z|x) made by Gumbel-max from ``eps`` (k, N, N·K)."""
         x, cond = batch["x"], self.condition(batch.get("y"))
-        q = self.posterior(nets.ema, x, cond, list(eps.split(self.sizes, dim=-1)))
-        zs = [z for _, _, z in q]
         k_, b = eps.shape[:2]
         c = cond.repeat(k_, 1) if cond is not None else None
+        if self.categorical:  # one-hot draws from q by Gumbel-max (the noise Gumbel from eps): the discrete model
+            codes, log_q_over_p = cat.discrete_draws(self.logits(nets.ema, x, cond), eps)
+            out, log_std = nets.ema("decoder")(codes.flatten(0, 1), c)
+            return -self.reconstruction_nll(out, log_std, x.repeat(k_, *[1] * (x.dim() - 1))).view(k_, b) - log_q_over_p
+        q = self.posterior(nets.ema, x, cond, list(eps.split(self.sizes, dim=-1)))
+        zs = [z for _, _, z in q]
         out, log_std = nets.ema("decoder")(self.decoder_input(zs).flatten(0, 1), c)
         log_w = -self.reconstruction_nll(out, log_std, x.repeat(k_, *[1] * (x.dim() - 1))).view(k_, b)
         for (q_mean, q_log_var, z), (p_mean, p_log_var) in zip(q, self.prior_terms(nets.ema, zs)):
@@ -228,11 +332,13 @@ class VAE(GenerativeFamily):
 
     def fixed_inputs(self, n: int, generator: torch.Generator):
         y = self.fixed_labels(n)
+        if self.categorical:  # one-hot codes from the uniform prior
+            return {"z": cat.prior_codes(len(y), self.cfg.categorical_vars, self.cfg.categories, generator), "y": y}
         return {"z": torch.randn(len(y), sum(self.sizes), generator=generator), "y": y}
 
     def sample(self, nets: Networks, fixed):
         noise = list(fixed["z"].split(self.sizes, dim=-1))
-        zs = nets.ema("prior").sample(noise) if self.has_prior_network else noise
+        zs = nets.ema("prior").sample(noise) if self.has_prior_network else noise  # categorical: the codes
         return self.mean_image(nets.ema("decoder")(self.decoder_input(zs), self.condition(fixed["y"]))[0])
 
     def visuals(self, nets: Networks, fixed, reference: Batch):
@@ -240,11 +346,14 @@ class VAE(GenerativeFamily):
         y = reference.get("y")
         cond = self.condition(y[:32]) if y is not None else None
         zero = [torch.zeros(len(x), u, device=x.device) for u in self.sizes]
-        means = [m for m, _, _ in self.posterior(nets.ema, x, cond, zero)]  # no sampling: each layer's mean
+        if self.categorical:  # no sampling: the most probable code of q(z|x)
+            means = [cat.mode_codes(self.logits(nets.ema, x, cond))]
+        else:
+            means = [m for m, _, _ in self.posterior(nets.ema, x, cond, zero)]  # no sampling: each layer's mean
         recon = self.mean_image(nets.ema("decoder")(self.decoder_input(means), cond)[0])
         pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # original, reconstruction, ...
         out = {"samples": self.sample(nets, fixed), "reconstructions": pairs}
-        if self.sizes[0] == 2:
+        if self.sizes[0] == 2 and not self.categorical:
             all_cond = self.condition(y) if y is not None else None
             out["latent"] = latent_scatter(nets.ema("encoder")(reference["x"], all_cond)[0], y, self.data.class_names)
         return out

@@ -2,7 +2,7 @@
 unit and the active units of Burda et al. (2016, section 5.2): unit u of layer l is active when
 A_u = Cov_x(E_q[z_u | x]) > 0.01, the variance over the data of the posterior mean.
 
-Registered as the ``active_units`` metric for every VAE. Over the ``eval.split`` samples x_1..x_N
+Registered as the ``active_units`` metric for every VAE with Gaussian latents. Over the ``eval.split`` samples x_1..x_N
 (``eval.max_samples`` of them at most), with ``VAE.latent_statistics``:
 
 * ``au_z<l>``: the number of active units of layer l;
@@ -102,7 +102,8 @@ def values(family) -> dict[str, bool]:
 def applies(family) -> bool:
     from . import VAE  # imported here: this module is imported by the family's own __init__
 
-    return isinstance(family, VAE)
+    # Gaussian latents only: a categorical latent's units are one-hot codes, not Burda's Gaussian units.
+    return isinstance(family, VAE) and not family.categorical
 
 
 def describe(ctx: EvalContext) -> str:

@@ -16,10 +16,15 @@ def mlp(sizes: list[int], final_activation: bool = False) -> nn.Sequential:
 
 
 class Encoder(nn.Module):
-    """x (and a one-hot label) -> mean and log-variance of q(z|x[, y])."""
+    """x (and a one-hot label) -> mean and log-variance of q(z|x[, y]), or (``categorical``) the logits
+    of q(z|x[, y]) alone, as a one-tuple.
+
+    ``kind``: ``mlp``, ``conv`` or ``efficientnet_b0`` (torchvision's trunk, ``effnet.EfficientNetTrunk``,
+    on images resized to ``resize`` pixels; ``freeze`` keeps its weights fixed)."""
 
     def __init__(self, shape: tuple[int, ...], latent_dim: int, cond_dim: int, kind: str,
-                 hidden: list[int], conv_channels: list[int]):
+                 hidden: list[int], conv_channels: list[int], categorical: bool = False,
+                 resize: int = 64, freeze: bool = False):
         super().__init__()
         if kind == "conv":
             layers: list[nn.Module] = []
@@ -29,20 +34,26 @@ class Encoder(nn.Module):
                 channels, size = c, size // 2
             self.features = nn.Sequential(*layers, nn.Flatten())
             width = channels * size * size
+        elif kind == "efficientnet_b0":
+            from gensuite.families.vae.effnet import FEATURES, EfficientNetTrunk
+
+            self.features = EfficientNetTrunk(shape[0], resize, freeze)
+            width = FEATURES
         else:
             dim = 1
             for s in shape:
                 dim *= s
             self.features = nn.Sequential(nn.Flatten(), mlp([dim, *hidden], final_activation=True))
             width = hidden[-1] if hidden else dim
-        self.mean = nn.Linear(width + cond_dim, latent_dim)
-        self.log_var = nn.Linear(width + cond_dim, latent_dim)
+        self.heads = ("logits",) if categorical else ("mean", "log_var")
+        for name in self.heads:
+            setattr(self, name, nn.Linear(width + cond_dim, latent_dim))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         h = self.features(x)
         if cond is not None:
             h = torch.cat([h, cond], dim=1)
-        return self.mean(h), self.log_var(h)
+        return tuple(getattr(self, name)(h) for name in self.heads)
 
 
 class Decoder(nn.Module):
