@@ -75,12 +75,15 @@ def test_a_resumed_run_shows_its_last_step_without_tensorboard_chatter(resumed_r
     write_result(tmp_path, IDS[0], "success", {"final/model/loss": loss.value})
     result = status(tmp_path)
     assert result.returncode == 0 and result.stderr == ""
-    assert result.stdout.splitlines() == [f"   987650001  COMPLETED   step      8  resumed  model/loss={loss.value:.4g}"]
+    val_loss = acc.Scalars("val/model/loss")[-1]  # the validation curve's last point, beside the training loss
+    assert val_loss.step == 8
+    assert result.stdout.splitlines() == [f"   987650001  COMPLETED   step      8  resumed  model/loss={loss.value:.4g}"
+                                          f"  val/model/loss={val_loss.value:.4g}"]
     # the levels are restored after the read
     from gensuite.slurm import last_metrics
 
     before = logging.getLogger("tensorboard").level
-    assert last_metrics(resumed_run) == (8, {"model/loss": loss.value})
+    assert last_metrics(resumed_run) == (8, {"model/loss": loss.value, "val/model/loss": val_loss.value})
     assert logging.getLogger("tensorboard").level == before
 
 
