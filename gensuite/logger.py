@@ -171,10 +171,14 @@ class RunLogger:
     def count_samples(self, n: int) -> None:
         self.samples += n
 
-    def add_terms(self, player: str, terms: dict[str, torch.Tensor]) -> None:
+    def add_terms(self, player: str, terms: dict[str, float | torch.Tensor]) -> None:
+        """Floats, or tensors summed where they are (float64) and read at the next log step: a value
+        that is only logged costs no device-to-host copy per step."""
         for key, value in terms.items():
             tag = f"{player}/{key}"
-            self.sums[tag] = self.sums.get(tag, 0.0) + float(value)
+            if isinstance(value, torch.Tensor):
+                value = value.detach().double()
+            self.sums[tag] = self.sums.get(tag, 0.0) + value
             self.counts[tag] = self.counts.get(tag, 0) + 1
 
     def advance(self) -> None:
@@ -185,7 +189,7 @@ class RunLogger:
 
     def _running_losses(self) -> dict[str, float]:
         """Means of the loss terms since the last log step."""
-        return {tag: self.sums[tag] / self.counts[tag] for tag in self.sums if tag.endswith("/loss")}
+        return {tag: float(self.sums[tag]) / self.counts[tag] for tag in self.sums if tag.endswith("/loss")}
 
     def scalars(self, step: int, lrs: dict[str, float]) -> None:
         """Means of every loss term since the last call, learning rates and throughput."""
@@ -193,7 +197,7 @@ class RunLogger:
             self.sums.clear(), self.counts.clear()
             return
         now = time.perf_counter()
-        values = {tag: self.sums[tag] / self.counts[tag] for tag in self.sums}
+        values = {tag: float(self.sums[tag]) / self.counts[tag] for tag in self.sums}
         values.update({f"lr/{p}": lr for p, lr in lrs.items()})
         values["perf/samples_per_sec"] = self.samples / max(now - self.clock, 1e-9)
         with self._events():

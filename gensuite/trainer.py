@@ -455,18 +455,19 @@ class Trainer:
                 sums[k] = sums.get(k, 0) + v.detach().float() / len(batches)
         names = list(sums)
         values = self.rt.mean_across_ranks(torch.stack([sums[k] for k in names]))
-        bad = [k for k, v in zip(names, values.tolist()) if not math.isfinite(v)]
+        host = values.tolist()  # the step's one device-to-host copy: the terms are checked and logged from it
+        bad = [k for k, v in zip(names, host) if not math.isfinite(v)]
         if bad:  # before the optimiser step: parameters and checkpoints stay finite
             latest = ckpt.latest_checkpoint(self.run_dir)
             raise TrainingDiverged(f"step {self.step}: loss term {player.name}/{bad[0]} is "
-                                   f"{values[names.index(bad[0])].item()}; stopped; last good checkpoint: "
+                                   f"{host[names.index(bad[0])]}; stopped; last good checkpoint: "
                                    f"{latest or 'none yet'}")
         grad_norm = engine.step()  # clips when asked; the norm before clipping is logged
         with torch.no_grad():
             self.family.after_step(player.name, view, self.step)
         self.schedulers[player.name].step()
-        out = dict(zip(names, values))
-        out["grad_norm"] = grad_norm.detach().float()
+        out: dict[str, float | torch.Tensor] = dict(zip(names, host))
+        out["grad_norm"] = grad_norm.detach()  # stays on the device until a log step reads it (no sync here)
         return out
 
     def eval_context(self) -> evaluation.EvalContext:
