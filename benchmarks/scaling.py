@@ -10,7 +10,7 @@ median of the run's logged ``perf/samples_per_sec`` after warm-up. Both runs go 
 Needs root (it starts munged, slurmctld and two slurmd, installing slurm-wlm when missing).
 Note the two "nodes" share this machine's cores: one CPU thread per rank keeps that fair.
 
-    python benchmarks/scaling.py [--steps 150] [--batch 256] [--rounds 2]
+    python benchmarks/scaling.py [--steps 150] [--batch 256] [--rounds 2] [--size 16] [--width 32]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from gensuite.data.shards import build  # noqa: E402
 
 def submit(cluster: LocalSlurm, work: Path, shards: Path, nodes: int, args) -> Path:
     job = {"family": "gan", "flavor": "debug", "name": f"scale{nodes}",
-           "model": {"architecture": "dcgan", "ngf": 32, "ndf": 32},
+           "model": {"architecture": "dcgan", "ngf": args.width, "ndf": args.width},
            "data": {"dataset": "digits", "root": str(shards), "shuffle_buffer": 256},
            "train": {"steps": args.steps, "batch_size": args.batch * nodes, "log_every": max(5, args.steps // 15),
                      "sample_every": 10**6, "checkpoint_every": 10**6, "resume": "never"},
@@ -70,13 +70,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch", type=int, default=256, help="per-rank batch")
     p.add_argument("--rounds", type=int, default=2)
+    # Compute per step grows with batch x pixels, the gradients all-reduced per step only with the
+    # widths: larger images or batches show how much of the gap is communication.
+    p.add_argument("--size", type=int, default=16, help="digits resized to this many pixels")
+    p.add_argument("--width", type=int, default=32, help="DCGAN ngf = ndf")
     args = p.parse_args()
     reason = ensure_installed()
     if reason:
         raise SystemExit(reason)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        build("digits", None, str(work / "shards"), size=16, progress=False)
+        build("digits", None, str(work / "shards"), size=args.size, progress=False)
         cluster = LocalSlurm(work / "slurm").start()
         try:
             one, two, apart = [], [], []
@@ -91,14 +95,18 @@ def main() -> None:
         finally:
             cluster.stop()
     t1, t2, ceiling = statistics.median(one), statistics.median(two), statistics.median(apart)
-    print(f"weak scaling, DCGAN debug 16x16, per-rank batch {args.batch}, gloo, {args.steps} steps, "
-          f"{args.rounds} rounds")
+    print(f"weak scaling, DCGAN debug {args.size}x{args.size} (ngf = ndf = {args.width}), per-rank batch "
+          f"{args.batch}, gloo, {args.steps} steps, {args.rounds} rounds")
     print(f"1 node  x 1 rank : {t1:9.1f} samples/s   (rounds: {', '.join(f'{v:.0f}' for v in one)})")
     print(f"2 nodes x 1 rank : {t2:9.1f} samples/s   (rounds: {', '.join(f'{v:.0f}' for v in two)})")
     print(f"2 x 1 node apart : {ceiling:9.1f} samples/s   (no communication: the shared machine's ceiling)")
     print(f"efficiency       : {t2 / (2 * t1):9.3f}   (target >= 0.90)")
     print(f"ceiling          : {ceiling / (2 * t1):9.3f}   (efficiency of two independent jobs)")
     print(f"DDP vs ceiling   : {t2 / ceiling:9.3f}")
+    # Per step: each rank's time at 1 node, and what 2 nodes add (communication and waiting).
+    step1, step2 = args.batch / t1, 2 * args.batch / t2
+    print(f"ms per step      : {1e3 * step1:9.1f} on 1 node, {1e3 * step2:.1f} on 2 nodes "
+          f"(+{1e3 * (step2 - step1):.1f} ms: {100 * (step2 - step1) / step2:.0f}% of a 2-node step)")
 
 
 if __name__ == "__main__":
