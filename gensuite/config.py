@@ -120,6 +120,10 @@ class DeepSpeedConfig:
 class TrainConfig:
     steps: Optional[int] = None  # training iterations (one step of every player); or give epochs
     epochs: Optional[float] = None
+    # Minutes of training (the steps themselves, not evaluation, grids or checkpoints; summed over
+    # resumes) after which the run ends as at its last step: final grids, evaluation and checkpoint.
+    # train.steps or epochs stay an upper bound (and set the LR schedule's length). None: no budget.
+    time_budget_min: Optional[float] = None
     batch_size: int = 64  # global batch size, split across ranks
     micro_batch_size: Optional[int] = None  # per-rank forward size; smaller -> gradient accumulation
     seed: int = 0
@@ -140,6 +144,8 @@ class TrainConfig:
                "give exactly one of train.steps or train.epochs")
         _check(self.steps is None or self.steps >= 1, "train.steps", "must be >= 1")
         _check(self.epochs is None or self.epochs > 0, "train.epochs", "must be > 0")
+        _check(self.time_budget_min is None or self.time_budget_min > 0, "train.time_budget_min",
+               "must be > 0 minutes, or null for no budget")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
         for key in ("log_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
@@ -231,14 +237,23 @@ def _has_control_chars(text: str) -> bool:
 
 @dataclass
 class SweepConfig:
-    """Override sets, one run each: the cartesian product of ``grid`` with each entry of ``sets``."""
+    """Override sets, one run each: the cartesian product of ``variants`` with ``grid`` and each entry of ``sets``."""
 
     grid: dict[str, list[Any]] = field(default_factory=dict)  # {model.loss: [minimax, non_saturating]}
     sets: list[dict[str, Any]] = field(default_factory=list)  # [{optim.lr: 1.0e-4, train.seed: 1}, ...]
+    # Named partial jobs merged into the job, e.g. {dcgan: {family: gan, flavor: dcgan, model: {ngf: 32}}}:
+    # one that names a family or flavor starts its model section from that flavor's defaults.
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self):
         for key, values in self.grid.items():
             _check(len(values) > 0, f"sweep.grid.{key}", "needs at least one value")
+        for name, variant in self.variants.items():
+            _check(bool(re.match(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$", str(name))), f"sweep.variants.{name}",
+                   "a variant's name is its run directory: letters, digits and . _ + - only")
+            for key in variant:
+                _check(key not in ("sweep", "launch", "name"), f"sweep.variants.{name}.{key}",
+                       "a variant sets training settings, not launch, sweep or name")
 
 
 @dataclass

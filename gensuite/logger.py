@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -28,6 +29,23 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def git_commit(folder: Path | None = None) -> str:
+    """The commit of the gensuite checkout that runs (``+dirty``: tracked files changed since), or ``unknown``."""
+    folder = folder or Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(folder), "rev-parse", "--show-toplevel", "HEAD"], capture_output=True,
+                              text=True, timeout=30)
+        lines = head.stdout.split()
+        # an installed copy inside some other repository (a virtual environment's) is not that repository's code
+        if head.returncode or len(lines) != 2 or Path(lines[0]).resolve() != folder.parent:
+            return "unknown"
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return lines[1] + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
 
 
 def hparams_of(job: JobConfig) -> dict[str, Any]:
@@ -161,6 +179,7 @@ class RunLogger:
             self.writer = SummaryWriter(str(self.tb_dir), purge_step=trainer.step + 1 if resumed else None)
         with self._events():
             self.writer.add_text("config", "    " + dump_yaml(self.job).replace("\n", "\n    "), trainer.step)
+            self.writer.add_text("run/git_commit", git_commit(), trainer.step)  # the code that trains from here
         if self.job.log.progress_bar and sys.stderr.isatty():
             self.bar = tqdm(total=trainer.total_steps, initial=trainer.step, unit="step", dynamic_ncols=True,
                             desc=self.job.name, file=sys.stderr)
@@ -191,8 +210,9 @@ class RunLogger:
         """Means of the loss terms since the last log step."""
         return {tag: float(self.sums[tag]) / self.counts[tag] for tag in self.sums if tag.endswith("/loss")}
 
-    def scalars(self, step: int, lrs: dict[str, float]) -> None:
-        """Means of every loss term since the last call, learning rates and throughput."""
+    def scalars(self, step: int, lrs: dict[str, float], train_seconds: float | None = None) -> None:
+        """Means of every loss term since the last call, learning rates, throughput and (given) the
+        seconds spent in training steps so far."""
         if not self.enabled:
             self.sums.clear(), self.counts.clear()
             return
@@ -200,6 +220,8 @@ class RunLogger:
         values = {tag: float(self.sums[tag]) / self.counts[tag] for tag in self.sums}
         values.update({f"lr/{p}": lr for p, lr in lrs.items()})
         values["perf/samples_per_sec"] = self.samples / max(now - self.clock, 1e-9)
+        if train_seconds is not None:
+            values["perf/train_seconds"] = train_seconds
         with self._events():
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)

@@ -1,4 +1,7 @@
-"""A job plus its ``sweep`` section -> the list of runs it stands for, each with its own directory."""
+"""A job plus its ``sweep`` section -> the list of runs it stands for, each with its own directory.
+
+``variants`` (named partial jobs, e.g. one per family of a leaderboard) are merged into the job first;
+each is then combined with every grid point and explicit set."""
 
 from __future__ import annotations
 
@@ -42,11 +45,44 @@ def task_name(overrides: dict[str, Any]) -> str:
     return ",".join(f"{k}={_format(v)}" for k, v in zip(keys, overrides.values()))
 
 
+def merge_variant(base: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with the partial job ``variant`` merged in, mapping by mapping. A variant that names a
+    family or flavor replaces the model section (the base's settings belong to another model), so its
+    model starts from that flavor's defaults plus the variant's own ``model``."""
+    out = copy.deepcopy(base)
+    if "family" in variant or "flavor" in variant:
+        out["model"] = {}
+
+    def merge(into: dict, part: dict) -> None:
+        for key, value in part.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = copy.deepcopy(value)
+
+    merge(out, variant)
+    return out
+
+
 def expand(job: JobConfig, run_root: Path) -> list[SweepTask]:
-    """One validated job per override set; run directories under ``run_root`` named after the overrides."""
+    """One validated job per variant and override set; run directories under ``run_root`` named after
+    the variant and the overrides."""
     sets = override_sets(job)
     base = job.to_dict()
     base["sweep"] = {}
+    variants = job.sweep.variants or {"": {}}
+    tasks = []
+    for variant, partial in variants.items():
+        tasks += _expand_variant(job, merge_variant(base, partial), variant, sets, run_root)
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ConfigError("sweep", f"two runs would share the directory {dup!r}; make the override sets distinct")
+    return tasks
+
+
+def _expand_variant(job: JobConfig, base: dict[str, Any], variant: str, sets: list[dict[str, Any]],
+                    run_root: Path) -> list[SweepTask]:
     tasks = []
     for i, overrides in enumerate(sets):
         raw = copy.deepcopy(base)
@@ -55,14 +91,12 @@ def expand(job: JobConfig, run_root: Path) -> list[SweepTask]:
             if key.split(".")[0] in ("sweep", "launch", "name"):
                 raise ConfigError(f"{where}.{key}", "a sweep varies training settings, not launch, sweep or name")
             set_key(raw, key, value)
+        if variant:
+            where = f"sweep.variants.{variant}" + (f" with {where}" if overrides else "")
         try:
             task_job = job_from_dict(raw)
         except ConfigError as e:  # name where the bad value came from
             raise ConfigError(where, str(e)) from None
-        name = task_name(overrides) if len(sets) > 1 else ""
+        name = ",".join(filter(None, [variant, task_name(overrides) if len(sets) > 1 else ""]))
         tasks.append(SweepTask(name, overrides, task_job, run_root / name if name else run_root))
-    names = [t.name for t in tasks]
-    if len(set(names)) != len(names):
-        dup = next(n for n in names if names.count(n) > 1)
-        raise ConfigError("sweep", f"two runs would share the directory {dup!r}; make the override sets distinct")
     return tasks

@@ -3,7 +3,8 @@
 ``Trainer.run`` reads top to bottom: set up (data, networks, optimisers, resume), then iterate:
 each player of the family steps in turn (a GAN's D ``n_critic`` times, then G), EMA copies follow,
 and at fixed intervals the loop logs, draws sample grids, computes the validation curves and the
-metrics (``eval.every`` and the end) and checkpoints. Families plug in through
+metrics (``eval.every`` and the end) and checkpoints; a spent ``train.time_budget_min`` makes the
+current step the end. Families plug in through
 the contract in ``gensuite.registry`` (its hooks: ``initialize``, ``after_step``, per-rank state);
 each player steps through an engine from ``gensuite.distributed`` (plain/DDP or DeepSpeed), so the
 loop never asks which strategy runs.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,6 +181,8 @@ class Trainer:
         self.protocol_logged = False  # the eval protocol text goes to TensorBoard once per run
         self.validation_logged = False  # and the validation protocol
         self.step = 0
+        self.train_seconds = 0.0  # time spent in training steps, summed over resumes (train.time_budget_min)
+        self.out_of_time = False  # the budget is spent: the ranks agreed at the end of a step
         self.consumed = 0  # micro-batches this rank has drawn: the data position
         self.logger = RunLogger(self.run_dir, job, enabled=self.rt.is_main,
                                 origin=f"{node_name()} rank {self.rt.rank}/{self.rt.world_size}")
@@ -295,6 +299,7 @@ class Trainer:
                              f"{self.rt.world_size}, so each rank starts its own afresh")
         self.best = state.get("best", {})
         self.step = state["step"]
+        self.train_seconds = float(state.get("train_seconds", 0.0))
         self.consumed = state["data"]["micro_batches"] * saved_world // self.rt.world_size
         if saved_world == self.rt.world_size:
             set_rng_state(state["rng"][self.rt.rank])
@@ -358,7 +363,11 @@ class Trainer:
             self.bare[name].eval()
         batches = None
         started = self.step
-        while self.step < self.total_steps:
+        if self._budget_spent():  # a run that ended on its time budget, resumed
+            log.info(f"train.time_budget_min ({job.train.time_budget_min} min) was spent at step {self.step}; "
+                     f"nothing left to train")
+        while self.step < self.total_steps and not self.out_of_time:
+            began = time.perf_counter()
             self.step += 1
             for player in self.players:
                 for _ in range(player.steps):
@@ -367,17 +376,23 @@ class Trainer:
                         log.count_samples(self.plan.global_batch)
                     log.add_terms(player.name, self.player_step(player, batches))
             self.update_ema()
+            self.train_seconds += time.perf_counter() - began
             log.advance()
-            if self.step % job.train.log_every == 0 or self.step == self.total_steps:
+            # the last step: train.steps reached, or the time budget spent (then the run ends as at its last step)
+            last = self.step == self.total_steps or self._budget_spent()
+            if self.out_of_time and self.step < self.total_steps:
+                log.info(f"step {self.step}: train.time_budget_min ({job.train.time_budget_min} min) spent after "
+                         f"{self.train_seconds:.1f} s of training; ending here")
+            if self.step % job.train.log_every == 0 or last:
                 with self.rank0_writes():
-                    log.scalars(self.step, self._lrs())
-            if self.step % job.train.sample_every == 0 or self.step == self.total_steps:
+                    log.scalars(self.step, self._lrs(), self.train_seconds)
+            if self.step % job.train.sample_every == 0 or last:
                 self.log_visuals(fixed, reference)
-            if self.step == self.total_steps or (job.eval.every and self.step % job.eval.every == 0):
+            if last or (job.eval.every and self.step % job.eval.every == 0):
                 self.run_validation()
                 if self.metrics:
                     self.run_evaluation()
-            saved = self.step % job.train.checkpoint_every == 0 or self.step == self.total_steps
+            saved = self.step % job.train.checkpoint_every == 0 or last
             if saved:
                 self.save()
             if self._stopping():
@@ -403,6 +418,14 @@ class Trainer:
             yield
         except DiskFull as e:
             self.write_failure = self.write_failure or e
+
+    def _budget_spent(self) -> bool:
+        """Whether ``train.time_budget_min`` is spent, as rank 0 measured it, on every rank (sets ``out_of_time``)."""
+        budget = self.job.train.time_budget_min
+        if budget is not None and not self.out_of_time:
+            spent = self.rt.is_main and self.train_seconds >= budget * 60
+            self.out_of_time = self.rt.flags_across_ranks([spent])[0]
+        return self.out_of_time
 
     def _stopping(self) -> bool:
         """Whether any rank was asked to stop; raises a full disk on rank 0 on every rank."""
@@ -588,6 +611,7 @@ class Trainer:
                      "epoch": self.consumed // (self.batches_per_epoch * self.plan.accumulation)},
             "rng": rng_states,
             "best": self.best,
+            "train_seconds": self.train_seconds,  # rank 0's, which decides when the time budget is spent
         }
 
     def save(self, best: bool = False) -> Path | None:

@@ -65,7 +65,8 @@ def register_metric(metric: Metric) -> Metric:
 
 def _load_builtin() -> None:
     # imported for their side effect: each module registers its metrics
-    from gensuite.evaluation import classification, inception, judged, likelihood, modes, sharpness  # noqa: F401
+    from gensuite.evaluation import (classification, inception, judged, likelihood, modes,  # noqa: F401
+                                     sharpness, speed)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""The comparison of several runs (a sweep root, or runs given together): a sub-report per run, the
+"""The comparison of several runs (a sweep root, or runs given together): a sub-report per run, where
+runs logged clf_fid a leaderboard sorted by it (each row with its sample grid, cost and provenance), the
 final metrics against the settings that differ (also as CSV), the runs' last sample grids side by side
 with their sharpness and clf_fid, and every curve overlaid.
 """
@@ -8,7 +9,10 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from gensuite.report.page import Link, Page, _figure_section, _fmt, _rel, grids_side_by_side, report_run
+import math
+
+from gensuite.report.page import (GRID_TAG, Img, Link, Page, _figure_section, _fmt, _rel, grids_side_by_side,
+                                  latest_grid, report_run)
 from gensuite.report.plots import _safe, overlay_figures
 from gensuite.report.runs import RunLog, swept_values
 
@@ -31,6 +35,7 @@ def report_runs(runs: list[RunLog], folder: Path, title: str, pending: list[str]
     rows = [[Link(r.label, _rel(i, folder)), *[_fmt(swept[k][n]) for k in swept], r.last_step,
              *[_fmt(f[m][1]) if m in f else "—" for m in metrics]]
             for n, (r, i, f) in enumerate(zip(runs, indexes, finals))]
+    leaderboard(page, runs, indexes, folder)
     page.heading("Final metrics")
     page.table(["run", *[f"`{k}`" for k in swept], "step", *[f"`{m}`" for m in metrics]], rows)
     with open(folder / "comparison.csv", "w", newline="") as f:
@@ -48,6 +53,78 @@ def report_runs(runs: list[RunLog], folder: Path, title: str, pending: list[str]
     for run, index in zip(runs, indexes):
         page.para(Link(run.label, _rel(index, folder)), f": `{run.run_dir.resolve()}`")
     return page.write(folder)
+
+
+# -- the leaderboard: one protocol, runs of any family ranked by clf_fid ------------------------------
+
+LEADERBOARD = ["rank", "run", "model", "clf_fid", "cond_acc", "bits/dim", "bound", "samples/s", "parameters",
+               "train s", "steps", "seed", "budget min", "commit"]
+
+
+def leaderboard_rows(runs: list[RunLog]) -> list[dict]:
+    """One row per run that logged ``eval/clf_fid``, best (lowest) first: its quality, likelihood (the
+    lowest ``eval/*_bpd``: the tightest bound or the exact value), sampling speed, size, training time
+    and the seed, time budget and git commit it ran with. Parameters need ``report_run`` first."""
+    rows = []
+    for run in runs:
+        final = run.final()
+        if "eval/clf_fid" not in final:
+            continue
+        bpd = sorted((v, t.removeprefix("eval/").removesuffix("_bpd")) for t, (_, v) in final.items()
+                     if t.endswith("_bpd") and math.isfinite(v))
+        seconds = run.scalars.get("perf/train_seconds")
+        commits = list(dict.fromkeys(text for _, text in run.texts.get("run/git_commit", [])))
+        rows.append({
+            "run": run.label, "model": f"{run.job.family}/{run.job.flavor}",
+            "clf_fid": final["eval/clf_fid"][1], "cond_acc": final.get("eval/cond_acc", (0, None))[1],
+            "bits/dim": bpd[0][0] if bpd else None, "bound": bpd[0][1] if bpd else None,
+            "samples/s": final.get("eval/sampling_samples_per_sec", (0, None))[1],
+            "parameters": sum(i["parameters"] for i in run.networks.values()) if run.networks else None,
+            "train s": seconds[-1][1] if seconds else None, "steps": run.last_step, "seed": run.job.train.seed,
+            "budget min": run.job.train.time_budget_min, "commit": " ".join(commits) or None})
+    rows.sort(key=lambda r: (not math.isfinite(r["clf_fid"]), r["clf_fid"]))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
+
+
+def leaderboard(page: Page, runs: list[RunLog], indexes: list[Path], folder: Path) -> None:
+    """The leaderboard table (also ``leaderboard.csv``), each row with the run's last sample grid beside
+    it; nothing when no run logged clf_fid."""
+    rows = leaderboard_rows(runs)
+    if not rows:
+        return
+    by_label = {r.label: (r, i) for r, i in zip(runs, indexes)}
+    page.heading("Leaderboard")
+    page.para("Runs ranked by `clf_fid` (classifier-feature FID of generated samples, lower is better), all "
+              "scored by the same evaluation protocol (see each run's report). `cond_acc`: how often a sample "
+              "drawn for class k is classified as k (conditional models); `bits/dim`: the tightest likelihood "
+              "bound logged (`bound` names it), where the family has one; `samples/s`: generated samples per "
+              "second at evaluation; `train s`: seconds spent in training steps; `budget min`: "
+              "`train.time_budget_min`; `commit`: the git commit the run trained at.")
+    table = []
+    for row in rows:
+        run, index = by_label[row["run"]]
+        grid = latest_grid(run, folder / run.label)
+        cells = [Link(row["run"], _rel(index, folder)) if k == "run" else _cell(k, row[k]) for k in LEADERBOARD]
+        table.append([*cells, Img(f"{run.label}: {GRID_TAG} at step {grid[0]}", _rel(grid[1], folder))
+                      if grid else "—"])
+    page.table([*LEADERBOARD, "samples"], table)
+    with open(folder / "leaderboard.csv", "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(LEADERBOARD)
+        out.writerows([["" if row[k] is None else row[k] for k in LEADERBOARD] for row in rows])
+    page.para("As CSV: ", Link("leaderboard.csv", "leaderboard.csv"))
+
+
+def _cell(key: str, value) -> str:
+    if value is None:
+        return "—"
+    if key == "parameters":
+        return f"{value:,}"
+    if key == "commit":  # short hashes; several when the run was resumed at another commit
+        return " ".join(c[:12] + "+dirty" * c.endswith("+dirty") for c in value.split())
+    return _fmt(value)
 
 
 def _unique_labels(runs: list[RunLog]) -> None:
