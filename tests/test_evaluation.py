@@ -86,7 +86,7 @@ def test_metric_errors_name_the_field(shard_root):
     base = vae_job(shard_root)
     with pytest.raises(ConfigError, match=r"^eval.metrics\[0\]: unknown metric 'fidd'; available: "
                                           r"active_units, caption_match, classification, clf_fid, cond_acc, density_grid, "
-                                          r"inception, likelihood, modes, sharpness$"):
+                                          r"inception, likelihood, modes, sampling_speed, sharpness$"):
         resolve(job_from_dict({**base, "eval": {"metrics": ["fidd"]}}).eval, _family(base))
     gan = {**base, "family": "gan", "eval": {"metrics": ["likelihood"]}}
     with pytest.raises(ConfigError, match=r"^eval.metrics\[0\]: likelihood does not apply to the gan family"):
