@@ -80,16 +80,26 @@ def sbatch_script(job: JobConfig, run_root: Path, n_tasks: int) -> str:
 
 
 def submit(job: JobConfig, tasks: list[SweepTask], run_root: Path) -> list[submitit.Job]:
-    """One sbatch job, or one array for a sweep; writes ``<run root>/submission.json``."""
+    """One sbatch job, or one array for a sweep, plus a job per task that evaluates another task's run
+    (``SweepTask.after``, started when that one has finished well); writes ``<run root>/submission.json``."""
     folder = log_folder(job, run_root)
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=job.launch.max_requeues, python=ENTRY)
     executor.update_parameters(**sbatch_parameters(job.launch, job.name))
-    payloads = [t.job.to_dict() for t in tasks]
-    run_dirs = [str(t.run_dir) for t in tasks]
-    if len(tasks) == 1:
-        jobs = [executor.submit(TrainTask(), payloads[0], run_dirs[0])]
+    # those that wait on another task of this submission go in after the rest, each as its own job
+    names = {t.name for t in tasks}
+    first = [t for t in tasks if t.after not in names]
+    if len(first) == 1:
+        submitted = [executor.submit(TrainTask(), first[0].job.to_dict(), str(first[0].run_dir))]
     else:
-        jobs = executor.map_array(TrainTask(), payloads, run_dirs)
+        submitted = executor.map_array(TrainTask(), [t.job.to_dict() for t in first], [str(t.run_dir) for t in first])
+    by_name = {t.name: j for t, j in zip(first, submitted)}
+    for task in (t for t in tasks if t.after in names):  # each starts once the run it resumes finished well
+        params = sbatch_parameters(job.launch, job.name)
+        params["additional_parameters"] |= {"dependency": f"afterok:{by_name[task.after].job_id}",
+                                            "kill_on_invalid_dep": "yes"}  # not pending forever if it failed
+        executor.update_parameters(**params)
+        by_name[task.name] = executor.submit(TrainTask(), task.job.to_dict(), str(task.run_dir))
+    jobs = [by_name[t.name] for t in tasks]
     record = {
         "job": job.name,
         "submitted": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run a job on SLURM (or locally where there is none).
 
-    python launch/submit.py JOB.yaml [--set key=value ...] [--run-dir DIR] [--dry-run] [--local]
+    python launch/submit.py JOB.yaml [--set key=value ...] [--run-dir DIR] [--only RUN,...] [--dry-run] [--local]
     python launch/submit.py --status RUN_ROOT
 
 The job's ``launch`` section sets the allocation, its ``sweep`` section the runs: one sbatch job,
@@ -26,6 +26,8 @@ def parse_args(argv):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a job field for every run, e.g. --set launch.partition=gpu")
     p.add_argument("--run-dir", help="run root (default runs/<job name>); sweep runs go in sub-folders")
+    p.add_argument("--only", metavar="RUN,...", help="only these runs of the sweep (their directory names), e.g. "
+                                                    "--only ddpm,ddim to redo two rows of a leaderboard")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the runs; submit nothing")
     p.add_argument("--local", action="store_true", help="run here even if SLURM is available")
     p.add_argument("--status", metavar="RUN_ROOT", help="state, last step and last losses of each submitted run")
@@ -51,6 +53,18 @@ def show_status(run_root: Path, as_json: bool) -> None:
             print(f"{'':>12}  {row['note']}")
 
 
+def only(tasks, names: str):
+    """The tasks named in ``--only`` (comma-separated), in the sweep's order."""
+    from gensuite.errors import ConfigError
+
+    wanted = [n.strip() for n in names.split(",") if n.strip()]
+    known = [t.name for t in tasks]
+    for name in wanted:
+        if name not in known:
+            raise ConfigError("--only", f"{name!r} is not a run of this sweep; its runs: {', '.join(known)}")
+    return [t for t in tasks if t.name in wanted]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.status:
@@ -65,14 +79,17 @@ def main(argv=None) -> int:
     job.data.root = str(Path(job.data.root).absolute())  # tasks may start in another directory
     run_root = Path(args.run_dir or Path("runs") / job.name).absolute()
     tasks = expand(job, run_root)
+    if args.only:
+        tasks = only(tasks, args.only)
     use_slurm = not args.local and slurm.slurm_available()
 
     if args.dry_run:
-        print(slurm.sbatch_script(job, run_root, len(tasks)))
+        print(slurm.sbatch_script(job, run_root, sum(t.after is None for t in tasks)))
         print(f"# {len(tasks)} run(s){'' if use_slurm else ' (no SLURM here: they would run locally)'}:")
         for i, t in enumerate(tasks):
             sets = " ".join(f"{k}={v}" for k, v in t.overrides.items())
-            print(f"#   [{i}] {t.run_dir}  {sets}".rstrip())
+            after = f"(after {t.after}: a separate job that evaluates its run)" if t.after else ""
+            print("  ".join(filter(None, [f"#   [{i}] {t.run_dir}", sets, after])))
         return 0
 
     from gensuite.trainer import preflight

@@ -85,8 +85,8 @@ def test_two_ranks_evaluate_exactly_like_one(shard_root, tmp_path):
 def test_metric_errors_name_the_field(shard_root):
     base = vae_job(shard_root)
     with pytest.raises(ConfigError, match=r"^eval.metrics\[0\]: unknown metric 'fidd'; available: "
-                                          r"active_units, caption_match, classification, clf_fid, cond_acc, density_grid, "
-                                          r"inception, likelihood, modes, sampling_speed, sharpness$"):
+                                          r"active_units, caption_match, classification, clf_fid, clf_prc, cond_acc, density_grid, "
+                                          r"inception, likelihood, mmd, modes, sampling_speed, sharpness$"):
         resolve(job_from_dict({**base, "eval": {"metrics": ["fidd"]}}).eval, _family(base))
     gan = {**base, "family": "gan", "eval": {"metrics": ["likelihood"]}}
     with pytest.raises(ConfigError, match=r"^eval.metrics\[0\]: likelihood does not apply to the gan family"):
@@ -101,3 +101,43 @@ def _family(raw):
 
     job = job_from_dict(raw)
     return get_family(job.family)(job.model, data_spec(read_manifest(Path(job.data.root) / job.data.dataset)))
+
+
+def _counting_sample_draws(shard_root, tmp_path):
+    """A trained debug VAE evaluated by sharpness and sampling_speed (40 samples in chunks of 16), with the
+    sizes of its family.sample calls recorded."""
+    raw = vae_job(shard_root, metrics=["sharpness", "sampling_speed"], n_samples=40, batch_size=16)
+    raw["eval"].pop("best")
+    train(job_from_dict(raw), tmp_path)
+    run = load_run(tmp_path)
+    calls = []
+    sample = run.family.sample
+    run.family.sample = lambda nets, fixed: calls.append(len(next(iter(fixed.values())))) or sample(nets, fixed)
+    return run, calls
+
+
+def test_metrics_share_one_draw_and_its_timing(shard_root, tmp_path):
+    """Metrics that read generated samples (here sharpness and sampling_speed) share one draw per
+    evaluation: family.sample runs once per chunk, and the speed is that draw's own rate."""
+    run, calls = _counting_sample_draws(shard_root, tmp_path)
+    cfg = run.job.eval
+    ctx = EvalContext(run.family, run.networks, Path(run.job.data.root) / run.job.data.dataset, cfg, torch.device("cpu"))
+    values = evaluate(resolve(cfg, run.family), ctx)
+    assert calls == [16, 16, 8]  # 40 samples in chunks of eval.batch_size, each drawn once for both metrics
+    timed = [(len(x), s) for _, x, _, s in ctx.drawn]
+    assert [n for n, _ in timed] == [16, 16, 8] and all(s > 0 for _, s in timed)
+    # the first chunk is the warm-up; the rate is that of the other two
+    assert values["sampling_samples_per_sec"] == pytest.approx(24 / (timed[1][1] + timed[2][1]), rel=1e-12)
+    assert values["sharpness"] > 0
+
+
+def test_samples_too_large_to_share_are_drawn_again(shard_root, tmp_path, monkeypatch):
+    import gensuite.evaluation as evaluation
+
+    run, calls = _counting_sample_draws(shard_root, tmp_path)
+    monkeypatch.setattr(evaluation, "SHARED_SAMPLES_BYTES", 16 * 16 * 16 * 4 * 2 - 1)  # under two chunks
+    cfg = run.job.eval
+    ctx = EvalContext(run.family, run.networks, Path(run.job.data.root) / run.job.data.dataset, cfg, torch.device("cpu"))
+    shared = evaluate(resolve(cfg, run.family), ctx)
+    assert calls == [16, 16, 8] * 2 and ctx.drawn is None
+    assert shared["sharpness"] == offline_eval(tmp_path, {"metrics": ["sharpness"]})["sharpness"]

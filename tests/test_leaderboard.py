@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gensuite import checkpoint as ckpt
@@ -123,9 +124,6 @@ def test_the_leaderboard_job_is_one_task_per_family():
 
 
 def test_a_two_family_leaderboard_end_to_end(shard_root, tmp_path):
-    import importlib.util
-
-    import yaml
 
     from gensuite.report import write_report
 
@@ -138,13 +136,7 @@ def test_a_two_family_leaderboard_end_to_end(shard_root, tmp_path):
                              "checkpoint_every": 1000})
     raw["sweep"] = {"variants": {"vae": {}, "gan": {"family": "gan", "flavor": "debug",
                                                      "eval": {"metrics": ["clf_fid", "sampling_speed"]}}}}
-    job_file = tmp_path / "board.yaml"
-    job_file.write_text(yaml.safe_dump(raw))
-    spec = importlib.util.spec_from_file_location("submit", ROOT / "launch" / "submit.py")
-    submit = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(submit)
-    root = tmp_path / "runs"
-    assert submit.main([str(job_file), "--local", "--run-dir", str(root)]) == 0
+    root = _run_board(raw, tmp_path)
 
     index = write_report([root])
     rows = list(csv.DictReader(open(index.parent / "leaderboard.csv")))
@@ -164,3 +156,115 @@ def test_a_two_family_leaderboard_end_to_end(shard_root, tmp_path):
     assert [line.split("|")[3].strip() for line in board.splitlines() if line.startswith("| 1 ") or
             line.startswith("| 2 ")] == [f"{r['model']}" for r in rows]
     assert board.count("![") == 2  # a sample grid beside each row
+
+
+def test_a_two_family_points_leaderboard_ranks_by_mmd(shard_root, tmp_path):
+
+    from gensuite.report import write_report
+
+    raw = raw_job(shard_root, "board", "gan", 6, eval_cfg={"metrics": ["mmd"], "n_samples": 200, "batch_size": 100},
+                  train_cfg={"log_every": 3, "sample_every": 6, "checkpoint_every": 6})
+    raw.update(flavor="points", data={**raw["data"], "dataset": "moons"})
+    raw["sweep"] = {"variants": {"gan": {}, "flow": {"family": "flow", "flavor": "debug",
+                                                     "eval": {"metrics": ["mmd", "likelihood"]}}}}
+    root = _run_board(raw, tmp_path)
+
+    index = write_report([root])
+    rows = list(csv.DictReader(open(index.parent / "leaderboard.csv")))
+    assert sorted(r["run"] for r in rows) == ["flow", "gan"]
+    mmds = [float(r["mmd"]) for r in rows]
+    assert mmds == sorted(mmds) and [r["rank"] for r in rows] == ["1", "2"]
+    for row in rows:
+        assert float(row["mmd"]) == scalars(root / row["run"], "eval/mmd")[-1][1]  # the logged value, unrounded
+        assert row["clf_fid"] == row["bits/dim"] == "" and row["steps"] == "6"
+    flow = next(r for r in rows if r["run"] == "flow")
+    gan = next(r for r in rows if r["run"] == "gan")
+    assert flow["bound"] == "log_px" and float(flow["nll"]) == -scalars(root / "flow", "eval/log_px")[-1][1]
+    assert gan["nll"] == gan["bound"] == ""
+    text = index.read_text()
+    board = text[text.index("## Leaderboard"):text.index("## Final metrics")]
+    assert "Runs ranked by `mmd`" in board
+    header = next(line for line in board.splitlines() if line.startswith("| rank"))
+    # the image columns no row fills are left out of the table
+    assert [c.strip() for c in header.split("|")[1:7]] == ["rank", "run", "model", "mmd", "nll", "bound"]
+    assert [line.split("|")[3].strip() for line in board.splitlines() if line.startswith("| 1 ") or
+            line.startswith("| 2 ")] == [r["model"] for r in rows]
+
+
+# -- a variant that evaluates another's run (the DDIM row of the DDPM run) ----------------------------
+
+
+def _diffusion_board(shard_root, steps=4):
+    raw = raw_job(shard_root, "board", "diffusion", steps, eval_cfg={"metrics": ["sampling_speed"], "n_samples": 8,
+                                                                     "batch_size": 4})
+    raw["sweep"] = {"variants": {
+        "ddim": {"train": {"resume": "variant:ddpm"}, "eval": {"sampler": "ddim", "sampler_steps": 5}},
+        "ddpm": {}, "vae": {"family": "vae", "flavor": "debug"}}}
+    return raw
+
+
+def test_a_variant_resuming_another_runs_after_it(shard_root, tmp_path):
+    raw = _diffusion_board(shard_root)
+    tasks = expand(job_from_dict(raw), tmp_path)
+    assert [(t.name, t.after) for t in tasks] == [("ddpm", None), ("vae", None), ("ddim", "ddpm")]
+    assert tasks[2].job.train.resume == str(tmp_path / "ddpm") and tasks[0].job.train.resume == "auto"
+    raw["sweep"]["grid"] = {"train.seed": [0, 1]}  # each seed's ddim evaluates that seed's ddpm
+    tasks = expand(job_from_dict(raw), tmp_path)
+    assert [(t.name, t.job.train.resume) for t in tasks if t.after] == [
+        ("ddim,seed=0", str(tmp_path / "ddpm,seed=0")), ("ddim,seed=1", str(tmp_path / "ddpm,seed=1"))]
+    for bad, message in (("variant:ddim", r"names no other variant of this sweep; choose one of ddpm, vae"),
+                         ("variant:nope", r"names no other variant of this sweep; choose one of ddpm, vae")):
+        raw["sweep"]["variants"]["ddim"]["train"]["resume"] = bad
+        with pytest.raises(ConfigError, match=rf"^sweep.variants.ddim.train.resume: '{bad}' {message}$"):
+            expand(job_from_dict(raw), tmp_path)
+    raw["sweep"]["variants"]["ddim"]["train"]["resume"] = "variant:vae"
+    raw["sweep"]["variants"]["vae"]["train"] = {"resume": "variant:ddpm"}
+    with pytest.raises(ConfigError, match=r"^sweep.variants.ddim.train.resume: variant 'vae' itself resumes a "
+                                          r"variant; name the one that trains$"):
+        expand(job_from_dict(raw), tmp_path)
+
+
+def test_the_ddim_row_evaluates_the_trained_ddpm_run(shard_root, tmp_path, capsys):
+    submit = _submit_module()
+    job_file = tmp_path / "board.yaml"
+    job_file.write_text(yaml.safe_dump(_diffusion_board(shard_root)))
+    root = tmp_path / "runs"
+    assert submit.main([str(job_file), "--local", "--run-dir", str(root), "--dry-run"]) == 0
+    assert f"#   [2] {root / 'ddim'}  (after ddpm: a separate job that evaluates its run)" in capsys.readouterr().out
+    assert submit.main([str(job_file), "--local", "--run-dir", str(root), "--only", "ddim,ddpm"]) == 0
+    assert not (root / "vae").exists()
+    ddpm = ckpt.load_checkpoint(ckpt.latest_checkpoint(root / "ddpm"))
+    assert ddpm["step"] == 4
+    assert not (root / "ddim" / "checkpoints").exists() or not ckpt.list_checkpoints(root / "ddim")  # trained nothing
+    assert [s for s, _ in scalars(root / "ddim", "eval/sampling_samples_per_sec")] == [4]
+    protocols = {run: _text(root / run, "eval/protocol") for run in ("ddpm", "ddim")}
+    assert protocols["ddpm"].endswith("generated samples drawn with ddpm")
+    assert protocols["ddim"].endswith("generated samples drawn with ddim, 5 steps, η=0")
+    checksums = re.findall(r"finished at step 4; parameter checksum (\w+)", capsys.readouterr().err)
+    assert len(checksums) == 2 and checksums[0] == checksums[1]  # the ddpm run's own weights
+    with pytest.raises(ConfigError, match=r"^--only: 'ddin' is not a run of this sweep; its runs: ddpm, vae, ddim$"):
+        submit.main([str(job_file), "--local", "--run-dir", str(root), "--only", "ddin"])
+
+
+def _run_board(raw: dict, tmp_path: Path) -> Path:
+    """``launch/submit.py BOARD.yaml --local``: the runs' root."""
+    job_file = tmp_path / "board.yaml"
+    job_file.write_text(yaml.safe_dump(raw))
+    root = tmp_path / "runs"
+    assert _submit_module().main([str(job_file), "--local", "--run-dir", str(root)]) == 0
+    return root
+
+
+def _submit_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("submit", ROOT / "launch" / "submit.py")
+    submit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(submit)
+    return submit
+
+
+def _text(run: Path, tag: str) -> str:
+    acc = EventAccumulator(str(run / "tb"), size_guidance={"tensors": 0})
+    acc.Reload()
+    return " ".join(e.tensor_proto.string_val[0].decode() for e in acc.Tensors(f"{tag}/text_summary"))

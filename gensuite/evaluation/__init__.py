@@ -12,11 +12,12 @@ single-process result up to float64 rounding.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import math
+import time
 
 import torch
 
@@ -35,6 +36,9 @@ class EvalContext:
     rank: int = 0
     world_size: int = 1
     sum_across_ranks: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+    # this evaluation's generated chunks (first index, samples, fixed inputs, seconds to draw), drawn once
+    # and shared by its metrics (clf_fid, precision/recall, cond_acc, sampling_speed read the same samples)
+    drawn: list[tuple[int, torch.Tensor, dict[str, torch.Tensor], float]] | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ def register_metric(metric: Metric) -> Metric:
 
 def _load_builtin() -> None:
     # imported for their side effect: each module registers its metrics
-    from gensuite.evaluation import (classification, inception, judged, likelihood, modes,  # noqa: F401
+    from gensuite.evaluation import (classification, inception, judged, likelihood, mmd, modes,  # noqa: F401
                                      sharpness, speed)
 
 
@@ -153,16 +157,35 @@ def evaluate(metrics: list[Metric], ctx: EvalContext) -> dict[str, Any]:
     return results
 
 
-def generated_samples(ctx: EvalContext):
+# Generated samples kept for the evaluation's other metrics up to this size; beyond it (large images, many
+# samples) each metric draws them again, the same samples from the same seeds.
+SHARED_SAMPLES_BYTES = 2**30
+
+
+def generated_samples(ctx: EvalContext, timed: bool = False):
     """(index of the first sample, samples, fixed inputs) of this rank's share of ``eval.n_samples``:
     chunk j of the sample stream comes from seed (eval.seed, j) and goes to rank j mod world size, so
-    the set of samples does not depend on the number of ranks."""
+    the set of samples does not depend on the number of ranks. Drawn once per evaluation (``ctx.drawn``)
+    where they fit in ``SHARED_SAMPLES_BYTES``; ``timed``: each chunk with the seconds it took to draw."""
+    if ctx.drawn is not None:
+        yield from (chunk if timed else chunk[:3] for chunk in ctx.drawn)
+        return
     family, cfg = ctx.family, ctx.cfg
     per_chunk = len(next(iter(family.fixed_inputs(cfg.batch_size, torch.Generator().manual_seed(0)).values())))
+    kept: list | None = []
+    size = 0
     for j in range(ctx.rank, math.ceil(cfg.n_samples / per_chunk), ctx.world_size):
         fixed = family.fixed_inputs(cfg.batch_size, torch.Generator().manual_seed(cfg.seed * 7919 + j))
         take = min(per_chunk, cfg.n_samples - j * per_chunk)
         fixed = {k: v[:take].to(ctx.device) for k, v in fixed.items()}
+        began = time.perf_counter()
         with sampling_mode(family):
             samples = family.sample(ctx.nets, fixed)
-        yield j * per_chunk, samples, fixed
+        if ctx.device.type == "cuda":  # the kernels finished, not just queued
+            torch.cuda.synchronize(ctx.device)
+        chunk = (j * per_chunk, samples, fixed, time.perf_counter() - began)
+        size += samples.numel() * samples.element_size()
+        kept = kept + [chunk] if kept is not None and size <= SHARED_SAMPLES_BYTES else None
+        yield chunk if timed else chunk[:3]
+    if kept is not None:  # every chunk drawn (a metric that stops early leaves nothing to share)
+        ctx.drawn = kept

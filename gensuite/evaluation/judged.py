@@ -3,6 +3,10 @@
 ``clf_fid``: the Fréchet distance between real and generated samples in the classifier's
 penultimate feature space, computed by torchmetrics' FID with the classifier as feature extractor.
 It is not comparable with Inception FID and is always logged under its own name.
+``clf_prc``: improved precision and recall (Kynkäänniemi et al. 2019) in the same feature space:
+precision is the share of generated samples inside the real samples' k-NN manifold (fidelity),
+recall the share of real samples inside the generated samples' manifold (coverage, so mode dropping
+shows), computed by torch-fidelity's k-NN code. Opt-in: it draws its own ``eval.n_samples``.
 ``cond_acc``: for class-conditional generators, how often a sample drawn for class k is classified
 as k, with the confusion matrix of generated samples.
 """
@@ -21,6 +25,8 @@ from gensuite.evaluation.classification import confusion_figure
 from gensuite.registry import Classifies
 
 _JUDGES: dict[tuple[str, str], object] = {}
+PRC_NEIGHBOURHOOD = 3  # k of the k-NN manifolds, the paper's default
+PRC_BATCH = 1024  # rows of each distance block: memory stays batch x samples, not samples x samples
 
 
 def judge(ctx: EvalContext):
@@ -44,7 +50,8 @@ def judge(ctx: EvalContext):
 
 
 class _PenultimateFeatures(nn.Module):
-    """The judge's feature extractor in the form torchmetrics' FID takes a custom model."""
+    """The judge's penultimate features as a module (the form torchmetrics' FID takes a custom model) that
+    knows their width."""
 
     def __init__(self, run, example: torch.Tensor):
         super().__init__()
@@ -79,6 +86,43 @@ def clf_fid(ctx: EvalContext) -> dict:
     return {"clf_fid": float(fid.compute())}  # torchmetrics gathers the sums of every rank
 
 
+def features_on_every_rank(ctx: EvalContext, extractor: _PenultimateFeatures, batches) -> torch.Tensor:
+    """Features of the (global indices, images) batches of every rank, row i for sample i, on every rank.
+    Each rank writes its rows into zeros and the tables are summed: x + 0 is exact, and every sample is
+    computed in the same batch on any number of ranks, so the table is the single-process one bit for bit."""
+    mine = [(indices, extractor(images.float().to(ctx.device)).float().cpu()) for indices, images in batches]
+    total = int(ctx.sum_across_ranks(torch.tensor([float(sum(len(i) for i, _ in mine))], dtype=torch.float64)))
+    table = torch.zeros(total, extractor.num_features)
+    for indices, rows in mine:
+        table[indices] = rows
+    return ctx.sum_across_ranks(table)
+
+
+def precision_recall(generated_features: torch.Tensor, real_features: torch.Tensor) -> tuple[float, float]:
+    """(precision, recall) with k-NN manifolds of k = PRC_NEIGHBOURHOOD, by torch-fidelity."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    # torch-fidelity takes the generated features first and prints unless verbose=False; its k-NN radius is
+    # the (k+1)-th smallest distance, the point itself counting, so each set needs more than k samples.
+    # float64: a sample on a ball's edge is not decided by float32 rounding of the distances.
+    prc = prc_features_to_metric(generated_features.double(), real_features.double(),
+                                 prc_neighborhood=PRC_NEIGHBOURHOOD, prc_batch_size=PRC_BATCH, save_cpu_ram=True,
+                                 verbose=False)
+    return prc["precision"], prc["recall"]
+
+
+@torch.no_grad()
+def clf_prc(ctx: EvalContext) -> dict:
+    extractor = _PenultimateFeatures(judge(ctx), torch.zeros(2, *ctx.family.data.shape, device=ctx.device))
+    real = features_on_every_rank(ctx, extractor, (
+        (indices, batch["x"]) for indices, batch in iterate_split(
+            ctx.shard_dir, ctx.cfg.split, ctx.cfg.batch_size, ctx.rank, ctx.world_size, ctx.cfg.max_samples)))
+    fake = features_on_every_rank(ctx, extractor, (
+        (torch.arange(start, start + len(samples)), samples) for start, samples, _ in generated(ctx, with_start=True)))
+    precision, recall = precision_recall(fake, real)
+    return {"clf_precision": precision, "clf_recall": recall}
+
+
 @torch.no_grad()
 def cond_acc(ctx: EvalContext) -> dict:
     run = judge(ctx)
@@ -110,7 +154,16 @@ def _classifier_exists(cfg) -> None:
     except GensuiteError as e:
         raise ConfigError("eval.classifier", f"{e}; train the classifier first (e.g. gensuite train "
                                              f"jobs/classifier_digits.yaml --run-dir {cfg.classifier}), or leave "
-                                             f"clf_fid and cond_acc out of eval.metrics") from None
+                                             f"clf_fid, clf_prc and cond_acc out of eval.metrics") from None
+
+
+def _prc_inputs(cfg) -> None:
+    """The classifier exists and both sample sets can have k-NN radii (before training, not at its end)."""
+    _classifier_exists(cfg)
+    for field, count in (("eval.n_samples", cfg.n_samples), ("eval.max_samples", cfg.max_samples)):
+        if count is not None and count <= PRC_NEIGHBOURHOOD:
+            raise ConfigError(field, f"{count} is too few for clf_prc: its k-NN radii (k = {PRC_NEIGHBOURHOOD}) "
+                                     f"need at least {PRC_NEIGHBOURHOOD + 1} samples")
 
 
 def _describe(name: str):
@@ -121,12 +174,28 @@ def _describe(name: str):
     return describe
 
 
+def _describe_prc(ctx: EvalContext) -> str:
+    from gensuite.evaluation.inception import _split_samples
+
+    count = _split_samples(ctx.shard_dir, ctx.cfg.split)
+    real = min(count, ctx.cfg.max_samples or count)
+    return (f"clf_prc: improved precision and recall (Kynkäänniemi et al. 2019; k-NN manifolds, "
+            f"k = {PRC_NEIGHBOURHOOD}, by torch-fidelity) of {ctx.cfg.n_samples} generated samples "
+            f"(seed {ctx.cfg.seed}) against {real} samples of the {ctx.cfg.split} split, in the penultimate "
+            f"features of the classifier {Path(ctx.cfg.classifier)}; clf_precision: share of generated samples "
+            f"inside the real manifold, clf_recall: share of real samples inside the generated manifold")
+
+
 def _generates_images(family) -> bool:
     return family.data.kind == "image" and bool(family.fixed_inputs(2, torch.Generator().manual_seed(0)))
 
 
 register_metric(Metric("clf_fid", {"clf_fid": False}, applies=_generates_images, needs=_needs_classifier,
                        check_inputs=_classifier_exists, compute=clf_fid, describe=_describe("clf_fid")))
+# opt-in: it draws another eval.n_samples samples (for a diffusion model, the most costly part of an evaluation)
+register_metric(Metric("clf_prc", {"clf_precision": True, "clf_recall": True}, applies=_generates_images,
+                       needs=_needs_classifier, check_inputs=_prc_inputs, compute=clf_prc, describe=_describe_prc,
+                       default=False))
 register_metric(Metric("cond_acc", {"cond_acc": True}, applies=lambda f: _generates_images(f) and f.conditional,
                        needs=_needs_classifier, check_inputs=_classifier_exists, compute=cond_acc,
                        describe=_describe("cond_acc")))

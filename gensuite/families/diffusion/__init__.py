@@ -7,6 +7,10 @@ likelihood ability (the variational bound, in nats and bits/dim); ``ncsn`` train
 over a geometric σ ladder. Which sampler draws the samples (grids, ``gensuite sample``, evaluation)
 is a run-time choice (``HasSamplers``): ``ddpm``, ``ddim`` with any number of steps and η, or
 ``langevin`` for score networks.
+
+Images are modelled in [-1, 1] on the U-Net; 2-D points (moons, ring, grid) as they are, on an MLP
+denoiser (``architecture: mlp``, the ``points`` flavor), with the same objectives and samplers, a
+Gaussian-density decoder in the bound (nats) and scatter plots for figures.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Literal
 import torch
 
 from gensuite.errors import ConfigError, GensuiteError
-from gensuite.families.diffusion.networks import UNet
+from gensuite.families.diffusion.networks import MLPDenoiser, UNet
 from gensuite.families.diffusion.objectives import diffusion_loss, dsm_loss, ncsn_score_fn, prior_term, vb_term
 from gensuite.families.diffusion.samplers import annealed_langevin, ddim_invert, ddim_sample, ddpm_sample, guided
 from gensuite.families.diffusion.schedules import NoiseSchedule, geometric_sigmas
@@ -30,6 +34,8 @@ SAMPLERS = {"ddpm": ("ddpm", "ddim"), "ncsn": ("langevin",)}
 @dataclass
 class DiffusionConfig:
     objective: Literal["ddpm", "ncsn"] = "ddpm"
+    architecture: Literal["unet", "mlp"] = "unet"  # unet: images; mlp: points
+    hidden: list[int] = field(default_factory=lambda: [128, 128, 128])  # mlp: the denoiser's widths (SiLU)
     # U-Net (Ho et al. appendix B): widths base_channels * channel_mults, attention at these sides
     base_channels: int = 128
     channel_mults: list[int] = field(default_factory=lambda: [1, 2, 2, 2])
@@ -45,7 +51,7 @@ class DiffusionConfig:
     target: Literal["eps", "x0", "v"] = "eps"  # what the network predicts
     weighting: Literal["uniform", "snr", "min_snr"] = "uniform"  # uniform + eps: Ho's L_simple
     variance: Literal["beta", "beta_tilde"] = "beta"  # σ_t² of ancestral sampling
-    clip_x0: bool = True  # clip the predicted x0 to [-1, 1] while sampling
+    clip_x0: bool = True  # clip the predicted x0 to [-1, 1] while sampling (images only)
     # classifier-free guidance (class-conditional data only)
     class_conditional: bool = False
     p_uncond: float = 0.1  # training: a label is replaced by the null class with this probability
@@ -66,6 +72,8 @@ class DiffusionConfig:
         for name in ("base_channels", "num_res_blocks", "timesteps", "num_sigmas", "langevin_steps", "heads"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name}", "must be >= 1")
+        if not self.hidden or min(self.hidden) < 1:
+            raise ConfigError("model.hidden", "needs at least one layer, each width >= 1")
         if not self.channel_mults or min(self.channel_mults) < 1:
             raise ConfigError("model.channel_mults", "needs at least one level, each multiplier >= 1")
         if not 0 <= self.dropout < 1 or not 0 <= self.p_uncond < 1:
@@ -105,13 +113,39 @@ class Diffusion(GenerativeFamily):
                   "attention_resolutions": [8], "dropout": 0.0, "timesteps": 1000},
         "debug": {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1, "attention_resolutions": [8],
                   "dropout": 0.0, "timesteps": 20, "num_sigmas": 4, "langevin_steps": 3},
+        # 2-D points: a 3x128 SiLU MLP denoiser. T = 100 with Ho's linear β rescaled to T steps as in
+        # Nichol & Dhariwal's code (β from 1e-4·1000/T to 0.02·1000/T): ᾱ_T ≈ 4e-5 as with Ho's
+        # T = 1000, at a tenth of the sampling steps. No x0 clipping: points do not live in [-1, 1].
+        "points": {"architecture": "mlp", "hidden": [128, 128, 128], "timesteps": 100, "beta_start": 1e-3,
+                   "beta_end": 0.2, "clip_x0": False},
     }
     paper_parameters = {"cifar10": "35.7M (Ho et al. 2020, table in appendix B)"}
 
     def __init__(self, cfg: DiffusionConfig, data):
         super().__init__(cfg, data)
-        if data.kind != "image":
-            raise ConfigError("data.dataset", f"the diffusion U-Net draws images; {data.dataset} holds {data.kind}")
+        self.image = data.kind == "image"
+        if cfg.architecture == "unet" and not self.image:
+            raise ConfigError("flavor", f"{data.dataset} holds {data.kind}; the U-Net draws images: use flavor: "
+                                        f"points (or model.architecture: mlp)")
+        if cfg.architecture == "mlp" and self.image:
+            raise ConfigError("model.architecture", f"the mlp denoiser draws points; {data.dataset} holds images "
+                                                    f"(use unet)")
+        if cfg.clip_x0 and not self.image:
+            raise ConfigError("model.clip_x0", f"{data.dataset} points have no [-1, 1] range to clip x0 to; set it "
+                                               f"to false")
+        if cfg.class_conditional and data.num_classes < 2:
+            raise ConfigError("model.class_conditional", f"{data.dataset} has no class labels; set it to false")
+        self.schedule = (NoiseSchedule.linear(cfg.timesteps, cfg.beta_start, cfg.beta_end) if cfg.schedule == "linear"
+                         else NoiseSchedule.cosine(cfg.timesteps))
+        self.sigmas = geometric_sigmas(cfg.sigma_max, cfg.sigma_min, cfg.num_sigmas).float()
+        self.sampler = SamplerChoice(cfg.sampler, cfg.sample_steps, cfg.eta)
+        # The likelihood ability: only the DDPM objective has a bound.
+        self.likelihood_values = ("vlb",) if cfg.objective == "ddpm" else ()
+        if self.image:
+            self.check_unet()
+
+    def check_unet(self):
+        cfg, data = self.cfg, self.data
         levels = len(cfg.channel_mults)
         side = data.image_size
         if side % 2 ** (levels - 1):
@@ -126,14 +160,6 @@ class Diffusion(GenerativeFamily):
                                                              f"images (its sides: {', '.join(map(str, sides))}); choose among those, "
                                                              f"or rebuild the shards at the side the job was made for: "
                                                              f"python shards/build.py {data.dataset} --size 32")
-        if cfg.class_conditional and data.num_classes < 2:
-            raise ConfigError("model.class_conditional", f"{data.dataset} has no class labels; set it to false")
-        self.schedule = (NoiseSchedule.linear(cfg.timesteps, cfg.beta_start, cfg.beta_end) if cfg.schedule == "linear"
-                         else NoiseSchedule.cosine(cfg.timesteps))
-        self.sigmas = geometric_sigmas(cfg.sigma_max, cfg.sigma_min, cfg.num_sigmas).float()
-        self.sampler = SamplerChoice(cfg.sampler, cfg.sample_steps, cfg.eta)
-        # The likelihood ability: only the DDPM objective has a bound.
-        self.likelihood_values = ("vlb",) if cfg.objective == "ddpm" else ()
 
     @property
     def conditional(self) -> bool:
@@ -145,13 +171,23 @@ class Diffusion(GenerativeFamily):
 
     def build_networks(self):
         c = self.cfg
+        classes = self.data.num_classes if c.class_conditional else None
+        if c.architecture == "mlp":
+            return {"model": MLPDenoiser(self.data.dim, c.hidden, num_classes=classes)}
         return {"model": UNet(self.data.channels, c.base_channels, c.channel_mults, c.num_res_blocks,
                               c.attention_resolutions, self.data.image_size, c.dropout,
-                              num_classes=self.data.num_classes if c.class_conditional else None, heads=c.heads)}
+                              num_classes=classes, heads=c.heads)}
+
+    def to_model_space(self, x: torch.Tensor) -> torch.Tensor:
+        """Images from [0, 1] to the model's [-1, 1]; points as they are."""
+        return x * 2 - 1 if self.image else x
+
+    def to_data_space(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.float() + 1) / 2).clamp(0, 1) if self.image else x.float()
 
     # -- training -----------------------------------------------------------------------------------
     def loss(self, player: str, nets: Networks, batch: Batch, step: int):
-        x0 = batch["x"] * 2 - 1
+        x0 = self.to_model_space(batch["x"])
         y = batch.get("y") if self.conditional else None
         if self.cfg.objective == "ncsn":
             return {"loss": dsm_loss(nets["model"], self.sigmas.to(x0.device), x0, y)}
@@ -164,10 +200,11 @@ class Diffusion(GenerativeFamily):
     # -- likelihood: the variational bound ------------------------------------------------------------
     @torch.no_grad()
     def log_likelihood(self, nets: Networks, batch: Batch, k: int, seeds: torch.Tensor) -> dict[str, torch.Tensor]:
-        """−(L_T + Σ L_{t−1} + L_0) per sample in nats (x on the 256-level grid): L_T and the decoder
-        term exactly, the T−1 KL terms as an unbiased estimate from k timesteps per sample (all of
-        them when k ≥ T−1), every draw from the sample's own seed."""
-        x0 = batch["x"] * 2 - 1
+        """−(L_T + Σ L_{t−1} + L_0) per sample in nats (images: x on the 256-level grid, x0 clipped as
+        in Ho's evaluation; points: a density, unclipped): L_T and the decoder term exactly, the T−1 KL
+        terms as an unbiased estimate from k timesteps per sample (all of them when k ≥ T−1), every
+        draw from the sample's own seed."""
+        x0 = self.to_model_space(batch["x"])
         y = batch.get("y") if self.conditional else None
         model = self._model_fn(nets, None)
         n, T = len(x0), self.schedule.T
@@ -185,7 +222,8 @@ class Diffusion(GenerativeFamily):
         y_rep = y.repeat_interleave(draws + 1, 0) if y is not None else None
         terms = torch.cat([vb_term(model, self.schedule, x_rep[i:i + 256], t[i:i + 256],
                                    None if y_rep is None else y_rep[i:i + 256], self.cfg.target, "beta_tilde",
-                                   True, noise[i:i + 256]) for i in range(0, len(t), 256)]).view(n, draws + 1)
+                                   self.image, noise[i:i + 256], discrete=self.image)
+                           for i in range(0, len(t), 256)]).view(n, draws + 1)
         scale = 1.0 if exact else (T - 1) / draws
         prior = prior_term(self.schedule, x0)
         return {"vlb": -(prior + scale * terms[:, :-1].sum(1) + terms[:, -1])}
@@ -216,8 +254,8 @@ class Diffusion(GenerativeFamily):
                 "seed": torch.randint(0, 2**62, (1,), generator=generator).expand(len(y))}
 
     def draw(self, nets: Networks, fixed, progress=None) -> torch.Tensor:
-        """Samples in [-1, 1] from the fixed inputs with the current sampler; the sampler's noise comes
-        from ``fixed["seed"]``, so the same inputs give the same images."""
+        """Samples in the model's space from the fixed inputs with the current sampler; the sampler's
+        noise comes from ``fixed["seed"]``, so the same inputs give the same samples."""
         x_T = fixed["x_T"]
         generator = torch.Generator(device=x_T.device).manual_seed(int(fixed["seed"][0]))
         y = fixed["y"] if self.conditional else None
@@ -235,31 +273,38 @@ class Diffusion(GenerativeFamily):
                            c.spacing, generator=generator, clip_x0=c.clip_x0, x_T=x_T, progress=progress)
 
     def sample(self, nets: Networks, fixed):
-        return ((self.draw(nets, fixed).float() + 1) / 2).clamp(0, 1)
+        return self.to_data_space(self.draw(nets, fixed))
 
     # -- the assignment's figures ---------------------------------------------------------------------
     def visuals(self, nets: Networks, fixed, reference: Batch):
-        states: list[tuple[int, torch.Tensor]] = []  # the first sample's state after each step
-        final = self.draw(nets, fixed, progress=lambda i, t, x, x0: states.append((t, x[0].clone())))
-        out = {"samples": ((final.float() + 1) / 2).clamp(0, 1),
-               "reverse_process": self.reverse_process_figure(fixed["x_T"][0], states, final[0])}
+        # The state after each step: the first image's, or every point's (a frame is a scatter plot).
+        shown = slice(0, 1) if self.image else slice(None)
+        states: list[tuple[int, torch.Tensor]] = []
+        final = self.draw(nets, fixed, progress=lambda i, t, x, x0: states.append((t, x[shown].clone())))
+        out = {"samples": self.to_data_space(final),
+               "reverse_process": self.reverse_process_figure(fixed["x_T"][shown], states, final[shown])}
         if self.cfg.objective == "ddpm":
-            x0 = reference["x"][:1] * 2 - 1
+            x0 = self.to_model_space(reference["x"][shown])
             out["forward_process"] = self.forward_process_figure(x0)
-            out["ddim_inversion"] = self.inversion_figure(nets, x0)
+            if self.image:
+                out["ddim_inversion"] = self.inversion_figure(nets, x0)
         return out
 
+    def strip(self, frames: list[torch.Tensor], labels: list[str], title: str):
+        """Images side by side (each (C, H, W)), or scatter plots of point sets (each (N, D))."""
+        return strip_figure([f[0] for f in frames], labels, title) if self.image else scatter_strip(frames, labels, title)
+
     def forward_process_figure(self, x0: torch.Tensor, frames: int = 10):
-        """One image noised by q(x_t | x0) at evenly spaced t (the same noise for every t)."""
+        """One image (or every point) noised by q(x_t | x0) at evenly spaced t (the same noise for every t)."""
         T = self.schedule.T
         ts = sorted({round(i * (T - 1) / (frames - 1)) for i in range(frames)})
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(x0)
-        images = [self.schedule.q_sample(x0, torch.full((1,), t, device=x0.device), noise)[0] for t in ts]
-        return strip_figure([x0[0]] + images, ["x0"] + [f"t={t + 1}" for t in ts], "forward process q(x_t | x0)")
+        images = [self.schedule.q_sample(x0, torch.full((len(x0),), t, device=x0.device), noise) for t in ts]
+        return self.strip([x0] + images, ["x0"] + [f"t={t + 1}" for t in ts], "forward process q(x_t | x0)")
 
     def reverse_process_figure(self, x_T: torch.Tensor, states: list[tuple[int, torch.Tensor]],
                                final: torch.Tensor, frames: int = 10):
-        """One sample's state along its sampler's steps (every k-th)."""
+        """One sample's state (or every point's) along its sampler's steps (every k-th)."""
         every = max(1, math.ceil(len(states) / frames))
         chosen = states[::every][:frames - 1]
         if self.sampler.name == "langevin":  # after each noise level σ_1 > ... > σ_L, then denoised
@@ -268,7 +313,7 @@ class Diffusion(GenerativeFamily):
         else:
             images = [x_T] + [x for _, x in chosen] + [final]
             labels = ["x_T"] + [f"t={t}" for t, _ in chosen] + ["x0"]  # the state x_t after step t+1 -> t
-        return strip_figure(images, labels, f"reverse process ({self.sampler.describe()})")
+        return self.strip(images, labels, f"reverse process ({self.sampler.describe()})")
 
     def inversion_figure(self, nets: Networks, x0: torch.Tensor, steps: int = 0):
         """DDIM inversion: an image encoded to x_T and decoded back (η = 0), with the error."""
@@ -300,6 +345,26 @@ def strip_figure(images: list[torch.Tensor], labels: list[str], title: str):
         ax.set_title(label, fontsize=7)
         ax.set_xticks([])
         ax.set_yticks([])
+    fig.suptitle(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def scatter_strip(frames: list[torch.Tensor], labels: list[str], title: str):
+    """Point sets (N, D) side by side as scatter plots of their first two coordinates, on shared axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(frames), figsize=(1.8 * len(frames), 2.1), squeeze=False,
+                             sharex=True, sharey=True)
+    for ax, points, label in zip(axes[0], frames, labels):
+        xy = points.detach().float().cpu().numpy()
+        ax.scatter(xy[:, 0], xy[:, 1], s=1, alpha=0.5)
+        ax.set_title(label, fontsize=7)
+        ax.set_aspect("equal")
+        ax.tick_params(labelsize=5)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     return fig

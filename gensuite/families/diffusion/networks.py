@@ -219,3 +219,42 @@ class UNet(nn.Module):
             for m in layer:
                 h = m(torch.cat([h, hs.pop()], dim=1), temb) if isinstance(m, ResBlock) else m(h)
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class MLPDenoiser(nn.Module):
+    """ε/x0/v-prediction for points (N, D), same calling convention as ``UNet``: ``forward(x, t, y=None)``.
+
+    t goes through the sinusoidal embedding (width ``hidden[0]``) and a 2-layer SiLU MLP; an optional
+    class embedding (index ``num_classes`` is the null class of classifier-free guidance) is added to
+    it. The embedding is concatenated to x and fed through SiLU layers of widths ``hidden``; the last
+    linear layer starts at zero, as the U-Net's output conv, so an untrained network outputs 0."""
+
+    def __init__(self, dim: int, hidden: Sequence[int], num_classes: int | None = None):
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed_dim = hidden[0]
+        self.temb = nn.Sequential(nn.Linear(self.embed_dim, self.embed_dim), nn.SiLU(),
+                                  nn.Linear(self.embed_dim, self.embed_dim))
+        self.class_emb = nn.Embedding(num_classes + 1, self.embed_dim) if num_classes is not None else None
+        layers: list[nn.Module] = []
+        width = dim + self.embed_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.SiLU()]
+            width = h
+        out = nn.Linear(width, dim)
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+        self.net = nn.Sequential(*layers, out)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(len(x))
+        temb = self.temb(timestep_embedding(t, self.embed_dim).to(x.dtype))
+        if self.class_emb is not None:
+            if y is None:
+                y = torch.full((len(x),), self.num_classes, device=x.device, dtype=torch.long)
+            temb = temb + self.class_emb(y)
+        elif y is not None:
+            raise ValueError("class labels given to an unconditional MLPDenoiser (num_classes=None)")
+        return self.net(torch.cat([x, temb], dim=1))

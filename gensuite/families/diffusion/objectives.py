@@ -168,14 +168,22 @@ class VariationalBound(NamedTuple):
     decoder: torch.Tensor    # L_0 = −log p(x0 | x1)
 
 
-def vb_term(model, schedule, x0, t, y, target, variance, clip_x0, noise) -> torch.Tensor:
+def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """Elementwise log N(x; mean, e^logvar): the decoder L_0 of continuous data (points)."""
+    return -0.5 * (math.log(2 * math.pi) + logvar + (x - mean).pow(2) * torch.exp(-logvar))
+
+
+def vb_term(model, schedule, x0, t, y, target, variance, clip_x0, noise, discrete: bool = True) -> torch.Tensor:
     """One term of the bound per sample, with x_t drawn from ``noise``: KL(q(x_{t−1}|x_t,x0) ‖
-    p_θ(x_{t−1}|x_t)) where t ≥ 1 (paper index t+1), the decoder's −log p_θ(x0|x1) where t = 0."""
+    p_θ(x_{t−1}|x_t)) where t ≥ 1 (paper index t+1), the decoder's −log p_θ(x0|x1) where t = 0:
+    a probability of x0's bin on the 256-level grid (``discrete``, images) or a density (points)."""
     xt = schedule.q_sample(x0, t, noise)
     x0_hat, _ = schedule.x0_and_eps(call_model(model, xt, t, y), xt, t, target, clip_x0)
     mean, _, _ = schedule.posterior_mean_variance(x0_hat, xt, t)
     model_logvar = schedule.reverse_log_variance(t, variance, xt)
-    decoder = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * model_logvar).flatten(1).sum(1)
+    log_decoder = (discretized_gaussian_log_likelihood(x0, mean, 0.5 * model_logvar) if discrete
+                   else gaussian_log_likelihood(x0, mean, model_logvar))
+    decoder = -log_decoder.flatten(1).sum(1)
     if bool((t == 0).all()):
         return decoder
     true_mean, _, true_logvar = schedule.posterior_mean_variance(x0, xt, t)

@@ -44,3 +44,4 @@ def chain_strip(frames: list[torch.Tensor]) -> torch.Tensor:
     columns = len(frames)
     tiles = torch.stack(frames, 1).flatten(0, 1)  # chain-major: row r holds chain r's frames
     return make_grid(tiles.float().cpu(), nrow=columns, padding=2, pad_value=1.0).unsqueeze(0)
+

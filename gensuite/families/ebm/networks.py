@@ -46,3 +46,21 @@ class EnergyNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+
+class EnergyMLP(nn.Module):
+    """Points (N, D) -> (N, outputs): linear layers of widths ``hidden`` with a smooth activation (the
+    chains follow ∇ₓE), optionally spectrally normalised like ``EnergyNet``."""
+
+    def __init__(self, dim: int, hidden: list[int], outputs: int, act: str = "swish",
+                 use_spectral_norm: bool = False):
+        super().__init__()
+        norm = spectral_norm if use_spectral_norm else (lambda layer: layer)
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [norm(nn.Linear(dim, width)), activation(act)]
+            dim = width
+        self.net = nn.Sequential(*layers, norm(nn.Linear(dim, outputs)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)

@@ -1,6 +1,8 @@
 """VAE, β-VAE, conditional VAE (CVAE) and hierarchical VAE, with remedies for posterior collapse;
 categorical latents with the Gumbel-softmax relaxation (``categorical.py``); an EfficientNet-B0
-encoder (``effnet.py``)."""
+encoder (``effnet.py``). On 2-D points (the ``points`` flavor) the MLPs model x with a Gaussian of
+learned variance, and samples are draws from p(x|z), not the decoder's mean: a point cloud, shown as a
+scatter plot."""
 
 from __future__ import annotations
 
@@ -151,6 +153,10 @@ class VAE(GenerativeFamily):
                  "latent_hidden": [64]},
         # Assignment 000 Q2 / Jang et al. 2017: 20 categorical variables of 10 categories, Gumbel-softmax,
         # 512-256 MLP encoder and 256-512 MLP decoder, λ annealed from 1 towards 0.5.
+        # 2-D points (moons, ring, grid): 128-128 MLPs, a 2-D latent (its scatter is drawn), a Gaussian
+        # p(x|z) with one learned σ per coordinate (a fixed σ = 1 would blur the data away).
+        "points": {"encoder": "mlp", "hidden": [128, 128], "decoder_hidden": [128, 128], "latent_dim": 2,
+                   "likelihood": "gaussian", "variance": "learned"},
         "gumbel": {"latent": "categorical", "categorical_vars": 20, "categories": 10, "encoder": "mlp",
                    "hidden": [512, 256], "decoder_hidden": [256, 512], "temperature": 1.0, "temperature_min": 0.5,
                    "anneal_rate": 3e-4},
@@ -166,6 +172,9 @@ class VAE(GenerativeFamily):
 
     def __init__(self, cfg: VAEConfig, data):
         super().__init__(cfg, data)
+        self.points = data.kind == "points"
+        # Gaussian p(x|z) on points: samples are draws x ~ p(x|z), with noise among the fixed inputs.
+        self.draws_points = self.points and cfg.likelihood == "gaussian"
         if cfg.conditional and data.num_classes < 2:
             raise ConfigError("model.conditional", f"dataset {data.dataset} has no class labels; set it to false")
         if cfg.encoder == "conv" and (data.kind != "image" or data.image_size < 2 ** len(cfg.conv_channels)):
@@ -217,7 +226,10 @@ class VAE(GenerativeFamily):
         return gaussian_nll(out, log_std, x)
 
     def mean_image(self, out: torch.Tensor) -> torch.Tensor:
-        return out.sigmoid() if self.cfg.likelihood == "bernoulli" else out.clamp(0, 1)
+        """The mean of p(x|z): a Bernoulli's probabilities, a Gaussian's mean (clamped to [0, 1] for pixels)."""
+        if self.cfg.likelihood == "bernoulli":
+            return out.sigmoid()
+        return out if self.points else out.clamp(0, 1)
 
     # -- the stochastic layers ------------------------------------------------------------------------
 
@@ -274,8 +286,9 @@ class VAE(GenerativeFamily):
         penalty = sum(free_bits(k, c.free_bits) for k in kls) if c.free_bits > 0 else kl
         weight = kl_weight(step, c.kl_anneal, c.anneal_steps, c.anneal_ratio)
         neg_elbo = recon + kl
-        terms = {"loss": recon + c.beta * weight * penalty, "recon": recon, "kl": kl, "elbo": -neg_elbo,
-                 "bpd": neg_elbo / (self.data.dim * math.log(2))}
+        terms = {"loss": recon + c.beta * weight * penalty, "recon": recon, "kl": kl, "elbo": -neg_elbo}
+        if not self.points:  # a density of continuous points has no bits/dim of a discrete image
+            terms["bpd"] = neg_elbo / (self.data.dim * math.log(2))
         if len(kls) > 1:  # model/kl_z1, model/kl_z2, ...: the ELBO's KL part layer by layer
             terms.update({f"kl_z{l + 1}": v for l, v in enumerate(layer_kl)})
         if c.kl_anneal != "none":
@@ -333,25 +346,37 @@ class VAE(GenerativeFamily):
     def fixed_inputs(self, n: int, generator: torch.Generator):
         y = self.fixed_labels(n)
         if self.categorical:  # one-hot codes from the uniform prior
-            return {"z": cat.prior_codes(len(y), self.cfg.categorical_vars, self.cfg.categories, generator), "y": y}
-        return {"z": torch.randn(len(y), sum(self.sizes), generator=generator), "y": y}
+            fixed = {"z": cat.prior_codes(len(y), self.cfg.categorical_vars, self.cfg.categories, generator), "y": y}
+        else:
+            fixed = {"z": torch.randn(len(y), sum(self.sizes), generator=generator), "y": y}
+        if self.draws_points:
+            fixed["x_noise"] = torch.randn(len(y), *self.data.shape, generator=generator)
+        return fixed
 
     def sample(self, nets: Networks, fixed):
+        """Images: the decoder's mean (the usual VAE grid). Points under a Gaussian p(x|z): x ~ p(x|z),
+        so the cloud has the model's spread."""
         noise = list(fixed["z"].split(self.sizes, dim=-1))
         zs = nets.ema("prior").sample(noise) if self.has_prior_network else noise  # categorical: the codes
-        return self.mean_image(nets.ema("decoder")(self.decoder_input(zs), self.condition(fixed["y"]))[0])
+        out, log_std = nets.ema("decoder")(self.decoder_input(zs), self.condition(fixed["y"]))
+        if self.draws_points:
+            log_std = out.new_tensor(math.log(self.cfg.fixed_std)) if log_std is None else log_std
+            return out + log_std.exp() * fixed["x_noise"]
+        return self.mean_image(out)
 
     def visuals(self, nets: Networks, fixed, reference: Batch):
-        x = reference["x"][:32]
+        shown = len(reference["x"]) if self.points else 32  # points: every reference point's reconstruction
+        x = reference["x"][:shown]
         y = reference.get("y")
-        cond = self.condition(y[:32]) if y is not None else None
+        cond = self.condition(y[:shown]) if y is not None else None
         zero = [torch.zeros(len(x), u, device=x.device) for u in self.sizes]
         if self.categorical:  # no sampling: the most probable code of q(z|x)
             means = [cat.mode_codes(self.logits(nets.ema, x, cond))]
         else:
             means = [m for m, _, _ in self.posterior(nets.ema, x, cond, zero)]  # no sampling: each layer's mean
         recon = self.mean_image(nets.ema("decoder")(self.decoder_input(means), cond)[0])
-        pairs = torch.stack([x, recon], dim=1).flatten(0, 1)  # original, reconstruction, ...
+        # Images: original, reconstruction, ... in pairs; points: the reconstructions' scatter.
+        pairs = recon if self.points else torch.stack([x, recon], dim=1).flatten(0, 1)
         out = {"samples": self.sample(nets, fixed), "reconstructions": pairs}
         if self.sizes[0] == 2 and not self.categorical:
             all_cond = self.condition(y) if y is not None else None
