@@ -189,6 +189,9 @@ def test_a_two_family_points_leaderboard_ranks_by_mmd(shard_root, tmp_path):
     assert [c.strip() for c in header.split("|")[1:7]] == ["rank", "run", "model", "mmd", "nll", "bound"]
     assert [line.split("|")[3].strip() for line in board.splitlines() if line.startswith("| 1 ") or
             line.startswith("| 2 ")] == [r["model"] for r in rows]
+    # beside each row its samples' scatter figure (points runs log no image grid)
+    assert re.findall(r"!\[(\w+): samples at step 6\]\((\w+)/figures/samples-step6.png\)", board) == [
+        (r["run"], r["run"]) for r in rows]
 
 
 # -- a variant that evaluates another's run (the DDIM row of the DDPM run) ----------------------------

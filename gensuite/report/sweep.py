@@ -11,7 +11,7 @@ from pathlib import Path
 
 import math
 
-from gensuite.report.page import (GRID_TAG, Img, Link, Page, _figure_section, _fmt, _rel, grids_side_by_side,
+from gensuite.report.page import (Img, Link, Page, _figure_section, _fmt, _rel, grids_side_by_side,
                                   latest_grid, report_run)
 from gensuite.report.plots import _safe, overlay_figures
 from gensuite.report.runs import RunLog, swept_values
@@ -57,6 +57,7 @@ def report_runs(runs: list[RunLog], folder: Path, title: str, pending: list[str]
 
 # -- the leaderboard: one protocol, runs of any family ranked by clf_fid (images) or mmd (points) -------
 
+POINTS_TAG = "figures/samples"  # the families' scatter plot of generated points
 LEADERBOARD = ["rank", "run", "model", "clf_fid", "precision", "recall", "cond_acc", "mmd", "bits/dim", "nll", "bound", "samples/s",
                "parameters", "train s", "steps", "seed", "budget min", "commit"]
 # left out of the table (never the CSV) when no row has them: an image board has no mmd, a points board no clf_fid
@@ -131,9 +132,10 @@ def leaderboard(page: Page, runs: list[RunLog], indexes: list[Path], folder: Pat
     table = []
     for row in rows:
         run, index = by_label[row["run"]]
-        grid = latest_grid(run, folder / run.label)
+        # images: the sample grid; points: the samples' scatter figure
+        grid = latest_grid(run, folder / run.label) or latest_grid(run, folder / run.label, POINTS_TAG)
         cells = [Link(row["run"], _rel(index, folder)) if k == "run" else _cell(k, row[k]) for k in columns]
-        table.append([*cells, Img(f"{run.label}: {GRID_TAG} at step {grid[0]}", _rel(grid[1], folder))
+        table.append([*cells, Img(f"{run.label}: samples at step {grid[0]}", _rel(grid[1], folder))
                       if grid else "—"])
     page.table([*columns, "samples"], table)
     with open(folder / "leaderboard.csv", "w", newline="") as f:
