@@ -192,7 +192,7 @@ def _generates_images(family) -> bool:
 
 register_metric(Metric("clf_fid", {"clf_fid": False}, applies=_generates_images, needs=_needs_classifier,
                        check_inputs=_classifier_exists, compute=clf_fid, describe=_describe("clf_fid")))
-# opt-in: it draws another eval.n_samples samples (for a diffusion model, the most costly part of an evaluation)
+# opt-in: alone (without clf_fid) it draws eval.n_samples samples, for a diffusion model the costly part of an evaluation
 register_metric(Metric("clf_prc", {"clf_precision": True, "clf_recall": True}, applies=_generates_images,
                        needs=_needs_classifier, check_inputs=_prc_inputs, compute=clf_prc, describe=_describe_prc,
                        default=False))
