@@ -1,11 +1,13 @@
 """Step time of gensuite's loop vs a bare hand-written PyTorch loop: same DCGAN, batch and data.
 
-Both loops run in this process, alternating in segments so machine noise hits both alike. The
-suite's step time is read from per-step timestamps (the final checkpoint and grids are excluded);
-the bare loop draws batches from the same shard stream and does the same D then G Adam steps.
-Prints the median over paired rounds of the step-time ratio (target <= 1.05). Never asserted by tests.
+Both loops run in this process. By default their steps alternate one by one (the bare step runs
+inside the suite's end-of-step hook, outside the suite's timing), so a change in machine speed hits
+both alike; ``--pairing segment`` runs a whole suite run, then as many bare steps. The suite's step
+time is read from per-step timestamps (the final checkpoint and grids are excluded); the bare loop
+draws batches from the same shard stream and does the same D then G Adam steps. Prints the median
+over rounds of the step-time ratio (target <= 1.05). Never asserted by tests.
 
-    python benchmarks/loop_overhead.py [--steps 60] [--rounds 4] [--batch 64]
+    python benchmarks/loop_overhead.py [--steps 60] [--rounds 12] [--batch 64] [--pairing step|segment]
 """
 
 from __future__ import annotations
@@ -29,61 +31,103 @@ from gensuite.registry import get_family  # noqa: E402
 from gensuite.trainer import Trainer  # noqa: E402
 
 
-def suite_step_times(job, run_dir: Path) -> list[float]:
-    trainer = Trainer(job, run_dir)
-    stamps = []
-    update_ema = trainer.update_ema
+class BareLoop:
+    """The hand-written loop: same networks, optimisers and shard stream; one step per ``step()``."""
 
-    def stamped():  # called once at the end of every step
-        update_ema()
-        stamps.append(time.perf_counter())
+    def __init__(self, job, shard_dir: Path):
+        manifest = read_manifest(shard_dir)
+        spec = data_spec(manifest)
+        torch.manual_seed(job.train.seed)
+        nets = get_family("gan")(job.model, spec).build_networks()
+        self.G, self.D = nets["G"], nets["D"]
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=job.optim.lr, betas=job.optim.betas)
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=job.optim.lr, betas=job.optim.betas)
+        stream = ShardStream(split_shards(manifest, shard_dir, "train"), spec.kind, spec.channels,
+                             job.train.batch_size, spec.samples["train"] // job.train.batch_size,
+                             shuffle_buffer=job.data.shuffle_buffer)
+        self.data = iter(make_loader(stream, job.data.workers))
+        self.z_dim = job.model.latent_dim
 
-    trainer.update_ema = stamped
-    trainer.run()
-    trainer.logger.close()
-    return [b - a for a, b in zip(stamps[1:], stamps[2:])]  # skip the first (warm-up) step
-
-
-def bare_step_times(job, shard_dir: Path, steps: int) -> list[float]:
-    manifest = read_manifest(shard_dir)
-    spec = data_spec(manifest)
-    torch.manual_seed(job.train.seed)
-    nets = get_family("gan")(job.model, spec).build_networks()
-    G, D = nets["G"], nets["D"]
-    opt_g = torch.optim.Adam(G.parameters(), lr=job.optim.lr, betas=job.optim.betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=job.optim.lr, betas=job.optim.betas)
-    stream = ShardStream(split_shards(manifest, shard_dir, "train"), spec.kind, spec.channels,
-                         job.train.batch_size, spec.samples["train"] // job.train.batch_size,
-                         shuffle_buffer=job.data.shuffle_buffer)
-    data = iter(make_loader(stream, job.data.workers))
-    z_dim = job.model.latent_dim
-    stamps = []
-    for _ in range(steps):
-        x = next(data)["x"] * 2 - 1
-        z = torch.randn(len(x), z_dim, 1, 1)
+    def step(self) -> None:
+        G, D = self.G, self.D
+        x = next(self.data)["x"] * 2 - 1
+        z = torch.randn(len(x), self.z_dim, 1, 1)
         with torch.no_grad():
             fake = G(z)
         d_loss = F.softplus(-D(x)).mean() + F.softplus(D(fake)).mean()
-        opt_d.zero_grad(set_to_none=True)
+        self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
-        opt_d.step()
+        self.opt_d.step()
         for p in D.parameters():
             p.requires_grad_(False)
-        g_loss = F.softplus(-D(G(torch.randn(len(x), z_dim, 1, 1)))).mean()
-        opt_g.zero_grad(set_to_none=True)
+        g_loss = F.softplus(-D(G(torch.randn(len(x), self.z_dim, 1, 1)))).mean()
+        self.opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
-        opt_g.step()
+        self.opt_g.step()
         for p in D.parameters():
             p.requires_grad_(True)
-        d_loss.item(), g_loss.item()  # the suite logs both every step
-        stamps.append(time.perf_counter())
-    return [b - a for a, b in zip(stamps[1:], stamps[2:])]
+        d_loss.item(), g_loss.item()  # the suite reads its loss terms once per player step
+
+
+def run_suite(job, run_dir: Path, after_each_step) -> None:
+    """Train ``job`` with gensuite's Trainer, calling ``after_each_step()`` at the end of every step."""
+    trainer = Trainer(job, run_dir)
+    update_ema = trainer.update_ema
+
+    def hooked():  # the trainer calls update_ema once at the end of every step
+        update_ema()
+        after_each_step()
+
+    trainer.update_ema = hooked
+    trainer.run()
+    trainer.logger.close()
+
+
+def segment_round(job, shard_dir: Path, run_dir: Path, suite_first: bool) -> tuple[list[float], list[float]]:
+    """One segment of suite steps and one of bare steps, back to back."""
+    stamps: list[float] = []
+
+    def bare_segment() -> list[float]:
+        loop, times = BareLoop(job, shard_dir), []
+        for _ in range(job.train.steps):
+            began = time.perf_counter()
+            loop.step()
+            times.append(time.perf_counter() - began)
+        return times[1:]  # the first step warms up
+
+    bare = [] if suite_first else bare_segment()
+    run_suite(job, run_dir, lambda: stamps.append(time.perf_counter()))
+    suite = [b - a for a, b in zip(stamps[1:], stamps[2:])]  # from the end of the (warm-up) first step
+    return suite, bare or bare_segment()
+
+
+def interleaved_round(job, shard_dir: Path, run_dir: Path) -> tuple[list[float], list[float]]:
+    """Suite and bare steps alternating one by one: each suite step is timed from the end of the bare
+    step before it, so a change in machine speed lasting longer than a step hits both alike."""
+    loop = BareLoop(job, shard_dir)
+    suite: list[float] = []
+    bare: list[float] = []
+    resumed_at: list[float] = []
+
+    def bare_step() -> None:
+        ended = time.perf_counter()
+        if resumed_at:
+            suite.append(ended - resumed_at[-1])
+        loop.step()
+        resumed_at.append(time.perf_counter())
+        bare.append(resumed_at[-1] - ended)
+
+    run_suite(job, run_dir, bare_step)
+    return suite[1:], bare[1:]  # the first bare step warms up; suite[0] is the second suite step
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40, help="steps per segment")
-    parser.add_argument("--rounds", type=int, default=10, help="paired suite/bare segments")
+    parser.add_argument("--steps", type=int, default=40, help="suite steps per round")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds (one suite run each)")
+    parser.add_argument("--pairing", choices=["step", "segment"], default="step",
+                        help="step: suite and bare steps alternate one by one (default); "
+                             "segment: a suite run, then as many bare steps (or the reverse)")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--shards", default=None, help="shard root (default: a temporary digits build)")
     args = parser.parse_args()
@@ -102,22 +146,20 @@ def main() -> None:
         })
         suite, bare, ratios = [], [], []
         for r in range(args.rounds):
-            # Alternate which loop goes first, so a drift in machine speed does not favour one.
-            first_suite = r % 2 == 0
-            if not first_suite:
-                b = bare_step_times(job, root / "digits", args.steps)
-            s = suite_step_times(job, Path(tmp) / f"run{r}")
-            if first_suite:
-                b = bare_step_times(job, root / "digits", args.steps)
+            run_dir = Path(tmp) / f"run{r}"
+            if args.pairing == "step":
+                s, b = interleaved_round(job, root / "digits", run_dir)
+            else:  # alternate which loop goes first, so a drift in machine speed does not favour one
+                s, b = segment_round(job, root / "digits", run_dir, suite_first=r % 2 == 0)
             suite += s
             bare += b
             ratios.append(statistics.median(s) / statistics.median(b))
             print(f"round {r + 1}/{args.rounds}: suite {statistics.median(s) * 1e3:.1f} ms/step, "
                   f"bare {statistics.median(b) * 1e3:.1f} ms/step, ratio {ratios[-1]:.3f}", flush=True)
     ratio = statistics.median(ratios)
-    print(f"DCGAN {args.batch}x1x32x32, {torch.get_num_threads()} threads, device cpu")
+    print(f"DCGAN {args.batch}x1x32x32, {torch.get_num_threads()} threads, device cpu, pairing by {args.pairing}")
     print(f"median step time: suite {statistics.median(suite) * 1e3:.2f} ms, bare {statistics.median(bare) * 1e3:.2f} ms")
-    print(f"loop overhead ratio (suite / bare), median of {args.rounds} paired rounds: {ratio:.3f} "
+    print(f"loop overhead ratio (suite / bare), median of {args.rounds} rounds: {ratio:.3f} "
           f"(rounds {min(ratios):.3f}..{max(ratios):.3f}; target <= 1.05)")
 
 

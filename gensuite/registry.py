@@ -141,6 +141,9 @@ class Family(Protocol):
 
     cfg: Any  # the job's model section, as config_class
     data: DataSpec
+    # Whether the terms of the step now taken will be logged (the trainer sets it before each step; True
+    # outside training steps): loss() may leave out terms that are only logged when it is False.
+    log_step: bool
 
     def __init__(self, cfg: Any, data: DataSpec) -> None: ...
 
@@ -305,6 +308,7 @@ class GenerativeFamily:
     sampling_needs_gradients: ClassVar[bool] = False
     initializes_from_data: ClassVar[bool] = False
     paper_parameters: ClassVar[Mapping[str, str]] = {}
+    log_step: bool = True
 
     def __init__(self, cfg: Any, data: DataSpec) -> None:
         self.cfg = cfg

@@ -369,12 +369,16 @@ class Trainer:
         while self.step < self.total_steps and not self.out_of_time:
             began = time.perf_counter()
             self.step += 1
+            # Log-only diagnostics (gradient norms, a family's monitoring terms) are computed on the steps
+            # that log them; a step ended early by the time budget logs without them.
+            self.family.log_step = self.step % job.train.log_every == 0 or self.step == self.total_steps
             for player in self.players:
                 for _ in range(player.steps):
                     if player.consumes_data or batches is None:
                         batches = self._next_batches(data)
                         log.count_samples(self.plan.global_batch)
                     log.add_terms(player.name, self.player_step(player, batches))
+            self.family.log_step = True  # validation, evaluation and sampling see every term
             self.update_ema()
             self.train_seconds += time.perf_counter() - began
             log.advance()
@@ -485,12 +489,13 @@ class Trainer:
             raise TrainingDiverged(f"step {self.step}: loss term {player.name}/{bad[0]} is "
                                    f"{host[names.index(bad[0])]}; stopped; last good checkpoint: "
                                    f"{latest or 'none yet'}")
-        grad_norm = engine.step()  # clips when asked; the norm before clipping is logged
+        grad_norm = engine.step(measure_norm=self.family.log_step)  # the norm before clipping, or None
         with torch.no_grad():
             self.family.after_step(player.name, view, self.step)
         self.schedulers[player.name].step()
         out: dict[str, float | torch.Tensor] = dict(zip(names, host))
-        out["grad_norm"] = grad_norm.detach()  # stays on the device until a log step reads it (no sync here)
+        if self.family.log_step:  # the log step's own norm (also when clipping measured it every step)
+            out["grad_norm"] = grad_norm.detach()  # stays on the device until logged (no sync here)
         return out
 
     def eval_context(self) -> evaluation.EvalContext:

@@ -134,6 +134,62 @@ def test_tensorboard_event_file_reads_back(shard_root, tmp_path):
     assert gif.n_frames == 2  # the grids of steps 3 and 6
 
 
+def test_log_only_diagnostics_are_measured_on_the_steps_that_log_them(shard_root, tmp_path, monkeypatch):
+    # A gradient norm is a pass over every gradient and G/dead_units hooks every activation: with nothing
+    # to clip, both are taken on the log steps only and logged as that step's own value.
+    from gensuite.distributed import DataParallelEngine
+
+    seen = []  # per player step: (measure_norm, the returned norm, the gradients' norm in float64)
+    step = DataParallelEngine.step
+
+    def spy(self, measure_norm=True):
+        grads = [p.grad.double() for m in self.modules for p in m.parameters() if p.grad is not None]
+        exact = math.sqrt(sum(float((g * g).sum()) for g in grads))
+        norm = step(self, measure_norm)
+        seen.append((measure_norm, None if norm is None else norm.item(), exact))
+        return norm
+
+    monkeypatch.setattr(DataParallelEngine, "step", spy)
+    train(make_job(shard_root, "gan", steps=7, log_every=3, sample_every=100), tmp_path)
+    log_steps = [3, 6, 7]  # every log_every steps, and the last
+    assert [measured for measured, _, _ in seen] == [s in log_steps for s in range(1, 8) for _player in "DG"]
+    assert all(norm is None for measured, norm, _ in seen if not measured)
+    acc = events(tmp_path)
+    for tag, player in (("D/grad_norm", 0), ("G/grad_norm", 1)):
+        logged = acc.Scalars(tag)
+        assert [e.step for e in logged] == log_steps
+        for e in logged:
+            _, norm, exact = seen[2 * (e.step - 1) + player]
+            assert e.value == norm  # the step's float32 norm, not an average over steps
+            # float32 sums of squares over ~10^4 gradients: relative error ~ log2(10^4) x 6e-8 ≈ 1e-6
+            assert norm == pytest.approx(exact, rel=1e-5)
+    assert [e.step for e in acc.Scalars("G/dead_units")] == log_steps
+
+
+def test_cpu_runs_keep_freed_blocks_in_the_heap_for_the_next_step():
+    # glibc maps any block over 32 MiB afresh (and unmaps it when freed), so every step would fault its
+    # pages in again; with the runtime's thresholds it comes from the heap (below the program break) and
+    # the break stays where it is when the block is freed (no trim).
+    script = """
+import ctypes, torch
+from gensuite.distributed import keep_freed_cpu_memory
+libc = ctypes.CDLL("libc.so.6")
+libc.sbrk.restype = ctypes.c_void_p
+def program_break():
+    return libc.sbrk(0)
+block = torch.ones(10 << 20)  # 40 MiB
+mapped_by_default = block.data_ptr() > program_break()
+del block
+assert keep_freed_cpu_memory()
+block = torch.ones(10 << 20)
+on_heap, top = block.data_ptr() < program_break(), program_break()
+del block
+print(mapped_by_default, on_heap, program_break() == top)
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "True", "True"]
+
+
 def test_resume_purges_events_logged_after_the_checkpoint(shard_root, tmp_path):
     train(make_job(shard_root, "vae", steps=6, log_every=1, checkpoint_every=4, keep_checkpoints=5), tmp_path)
     # Simulate a crash after step 6 whose last checkpoint was step 4.

@@ -212,9 +212,9 @@ class GAN(GenerativeFamily):
                 terms["r1"] = r1_penalty(source, real)
                 loss = loss + self.cfg.r1_gamma / 2 * terms["r1"]
             return {"loss": loss, **terms}
-        dead = DeadUnits(nets.bare("G"))
+        dead = DeadUnits(nets.bare("G")) if self.log_step else None  # a logged diagnostic only
         fake = self.generate(nets["G"], z, y)
-        dead_fraction = dead.fraction()
+        logged = {"dead_units": dead.fraction()} if dead is not None else {}  # (removes the hooks)
         state = None
         if self.cfg.unroll_steps:
             def d_loss(s):
@@ -222,7 +222,7 @@ class GAN(GenerativeFamily):
                                              target)
             state = unrolled_state(D, d_loss, self.cfg.unroll_steps, self.cfg.unroll_lr)
         fake_out, fake_cls = self.discriminate(D, fake, y, state)
-        terms = {"fake_logit": fake_out.mean(), "dead_units": dead_fraction}
+        terms = {"fake_logit": fake_out.mean(), **logged}
         loss = self.objective.g_loss(fake_out)
         if fake_cls is not None:  # ACGAN: G maximises L_C too
             terms["class_loss"] = F.cross_entropy(fake_cls, y)
