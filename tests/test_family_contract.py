@@ -155,3 +155,24 @@ def test_every_family_resumes_bit_for_bit(shard_root, tmp_path, name):
     assert a["step"] == b["step"] == 4
     for key in ("networks", "ema", "optimizers", "schedulers", "family", "family_ranks", "data", "rng"):
         _assert_bitwise_equal(a[key], b[key], key)
+
+
+def test_a_family_is_one_folder_importing_no_other_family():
+    # What several families share lives outside gensuite/families (gensuite/figures.py, registry.py),
+    # so a family folder can be added, moved or removed alone.
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "gensuite" / "families"
+    folders = sorted(p.name for p in root.iterdir() if (p / "__init__.py").exists())
+    assert len(folders) >= 8
+    crossing = []
+    for folder in folders:
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                         else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+                for name in names:
+                    parts = name.split(".")
+                    if parts[:2] == ["gensuite", "families"] and len(parts) > 2 and parts[2] != folder:
+                        crossing.append(f"{path.relative_to(root)}: {name}")
+    assert crossing == []

@@ -18,7 +18,8 @@ from gensuite.data.pipeline import read_split
 from gensuite.data.shards import data_spec, read_manifest
 from gensuite.errors import ConfigError
 from gensuite.families.flow import FlowConfig, NormalizingFlow
-from gensuite.families.flow.density import grid_log_density, grid_mass
+from gensuite.families.flow.density import grid_log_density
+from gensuite.figures import grid_mass
 from gensuite.families.flow.layers import (ActNorm, AffineCoupling, CheckerboardCoupling, InvertibleLinearLU,
                                            SplineCoupling, Split, Squeeze)
 from gensuite.families.flow.linear import DEFAULT_A, linear_density, linear_log_density, sample_linear

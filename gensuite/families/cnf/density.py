@@ -20,14 +20,7 @@ from torch import nn
 
 from gensuite.families.cnf.dynamics import CNFDynamics, Solver, StateDynamics, solve
 from gensuite.families.cnf.objectives import cnf_log_likelihood
-
-
-def grid_points(lo: float, hi: float, n: int, dtype=torch.float32) -> torch.Tensor:
-    """(n², 2) cell centres of [lo, hi]², row r = y index, column c = x index (row-major, y outer)."""
-    h = (hi - lo) / n
-    axis = lo + h * (torch.arange(n, dtype=dtype) + 0.5)
-    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
-    return torch.stack([xx.flatten(), yy.flatten()], 1)
+from gensuite.figures import grid_points
 
 
 @torch.no_grad()

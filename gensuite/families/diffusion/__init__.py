@@ -26,6 +26,7 @@ from gensuite.families.diffusion.networks import MLPDenoiser, UNet
 from gensuite.families.diffusion.objectives import diffusion_loss, dsm_loss, ncsn_score_fn, prior_term, vb_term
 from gensuite.families.diffusion.samplers import annealed_langevin, ddim_invert, ddim_sample, ddpm_sample, guided
 from gensuite.families.diffusion.schedules import NoiseSchedule, geometric_sigmas
+from gensuite.figures import scatter_strip
 from gensuite.registry import Batch, GenerativeFamily, Networks, SamplerChoice, register
 
 SAMPLERS = {"ddpm": ("ddpm", "ddim"), "ncsn": ("langevin",)}
@@ -345,26 +346,6 @@ def strip_figure(images: list[torch.Tensor], labels: list[str], title: str):
         ax.set_title(label, fontsize=7)
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(title, fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def scatter_strip(frames: list[torch.Tensor], labels: list[str], title: str):
-    """Point sets (N, D) side by side as scatter plots of their first two coordinates, on shared axes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(frames), figsize=(1.8 * len(frames), 2.1), squeeze=False,
-                             sharex=True, sharey=True)
-    for ax, points, label in zip(axes[0], frames, labels):
-        xy = points.detach().float().cpu().numpy()
-        ax.scatter(xy[:, 0], xy[:, 1], s=1, alpha=0.5)
-        ax.set_title(label, fontsize=7)
-        ax.set_aspect("equal")
-        ax.tick_params(labelsize=5)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     return fig

@@ -25,13 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from gensuite.errors import ConfigError, GensuiteError
-from gensuite.families.diffusion import scatter_strip
 from gensuite.families.ebm.figures import chain_strip, energy_histogram
-from gensuite.families.flow.density import grid_mass, grid_points
-from gensuite.families.flow.figures import density_and_samples
 from gensuite.families.ebm.networks import EnergyMLP, EnergyNet
 from gensuite.families.ebm.objectives import contrastive_divergence, energy_from_logits
 from gensuite.families.ebm.samplers import ReplayBuffer, sgld
+from gensuite.figures import density_and_samples, grid_mass, grid_points, scatter_strip
 from gensuite.registry import Batch, GenerativeFamily, Networks, register
 
 BOUNDS = (-1.0, 1.0)  # the model's pixel range; chains are clamped to it and restart uniform over it

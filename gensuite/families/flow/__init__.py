@@ -20,13 +20,13 @@ from typing import Literal, Optional
 import torch
 
 from gensuite.errors import ConfigError
-from gensuite.families.flow.density import grid_log_density, grid_mass
-from gensuite.families.flow.figures import density_and_samples
+from gensuite.families.flow.density import grid_log_density
 from gensuite.families.flow.layers import ActNorm
 from gensuite.families.flow.networks import Flow, image_flow, point_flow, squeezes
 from gensuite.families.flow.objectives import (affine_transform, dequantize, discrete_log_likelihood,
                                                flow_log_likelihood, inverse_affine_transform,
                                                inverse_logit_transform, logit_transform, per_sample_uniform)
+from gensuite.figures import density_and_samples, grid_mass
 from gensuite.registry import Batch, GenerativeFamily, Networks, register
 
 INIT_NOISE_SEED = 0  # the dequantisation noise of the batch ActNorm initialises from (not the run's RNG)
