@@ -15,26 +15,16 @@ from gensuite.evaluation import EvalContext, evaluate, resolve
 from gensuite.evaluation.judged import generated, judge
 from gensuite.sampling import load_run
 from gensuite.trainer import train
-from launchers import torchrun_job
-
-
-
-def raw_job(shard_root, name, family, steps, model=None, eval_cfg=None):
-    return {"name": name, "family": family, "flavor": "debug", "model": model or {},
-            "data": {"dataset": "digits", "root": str(shard_root), "shuffle_buffer": 256},
-            "optim": {"lr": 3e-3},
-            "train": {"steps": steps, "batch_size": 32, "log_every": steps, "sample_every": steps,
-                      "checkpoint_every": steps},
-            "eval": eval_cfg or {}, "log": {"grid_size": 16, "progress_bar": False}}
+from launchers import digits_job, torchrun_job
 
 
 @pytest.fixture(scope="module")
 def runs(shard_root, tmp_path_factory):
     work = tmp_path_factory.mktemp("judged")
-    train(job_from_dict(raw_job(shard_root, "clf", "classifier", 100)), work / "clf")
+    train(job_from_dict(digits_job(shard_root, "clf", "classifier", 100)), work / "clf")
     eval_cfg = {"classifier": str(work / "clf"), "n_samples": 130, "batch_size": 50,
                 "metrics": ["clf_fid", "cond_acc"]}
-    cvae = raw_job(shard_root, "cvae", "vae", 30, {"conditional": True}, eval_cfg)
+    cvae = digits_job(shard_root, "cvae", "vae", 30, {"conditional": True}, eval_cfg)
     train(job_from_dict(cvae), work / "cvae")
     return work, cvae
 
@@ -110,7 +100,7 @@ def test_two_ranks_give_the_single_process_values(runs, tmp_path):
 
 def test_judged_metrics_explain_what_they_need(runs, shard_root):
     work, _ = runs
-    job = job_from_dict(raw_job(shard_root, "g", "gan", 2, eval_cfg={"metrics": ["clf_fid"]}))
+    job = job_from_dict(digits_job(shard_root, "g", "gan", 2, eval_cfg={"metrics": ["clf_fid"]}))
     from gensuite.data.shards import data_spec, read_manifest
     from gensuite.registry import get_family
 
@@ -118,9 +108,9 @@ def test_judged_metrics_explain_what_they_need(runs, shard_root):
     with pytest.raises(ConfigError, match=r"^eval.metrics\[0\]: clf_fid needs eval.classifier: the run directory"):
         resolve(job.eval, family)
     with pytest.raises(ConfigError, match=r"^eval.metrics\[0\]: cond_acc does not apply to the gan family"):
-        resolve(job_from_dict(raw_job(shard_root, "g", "gan", 2, eval_cfg={
+        resolve(job_from_dict(digits_job(shard_root, "g", "gan", 2, eval_cfg={
             "metrics": ["cond_acc"], "classifier": str(work / "clf")})).eval, family)
-    bad = job_from_dict(raw_job(shard_root, "g", "gan", 2, eval_cfg={"metrics": ["clf_fid"],
+    bad = job_from_dict(digits_job(shard_root, "g", "gan", 2, eval_cfg={"metrics": ["clf_fid"],
                                                                     "classifier": str(work / "cvae")}))
     ctx = EvalContext(family, None, shard_root / "digits", bad.eval, torch.device("cpu"))
     with pytest.raises(ConfigError, match=r"^eval.classifier: .* is a vae run; name a classifier job's run"):
@@ -130,13 +120,13 @@ def test_judged_metrics_explain_what_they_need(runs, shard_root):
 def test_a_missing_classifier_run_is_refused_before_the_first_step(shard_root, tmp_path):
     """Not at the last step's evaluation, which comes before the final checkpoint: nothing is trained."""
     missing = tmp_path / "no-such-classifier"
-    job = job_from_dict(raw_job(shard_root, "g", "gan", 2, eval_cfg={"metrics": ["clf_fid"],
+    job = job_from_dict(digits_job(shard_root, "g", "gan", 2, eval_cfg={"metrics": ["clf_fid"],
                                                                     "classifier": str(missing)}))
     with pytest.raises(ConfigError, match=rf"^eval.classifier: {missing}: no such run directory or checkpoint "
                                           r"file; train the classifier first"):
         train(job, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
     # ... while a job that lists no classifier metric does not look for it
-    train(job_from_dict(raw_job(shard_root, "g", "gan", 2, eval_cfg={"metrics": [], "classifier": str(missing)})),
+    train(job_from_dict(digits_job(shard_root, "g", "gan", 2, eval_cfg={"metrics": [], "classifier": str(missing)})),
           tmp_path / "run2")
     assert any((tmp_path / "run2" / "checkpoints").iterdir())

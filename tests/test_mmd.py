@@ -5,12 +5,10 @@ give the one-process value bit for bit."""
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gensuite import evaluation
@@ -19,7 +17,7 @@ from gensuite.data.shards import data_spec, read_manifest
 from gensuite.errors import ConfigError
 from gensuite.evaluation.mmd import BANDWIDTHS, compute, describe, kernel_sum, mmd2_unbiased
 from gensuite.registry import Networks
-from launchers import free_port
+from launchers import free_port, gloo_rank
 
 K = len(BANDWIDTHS)  # k(a, a): one per Gaussian kernel
 
@@ -226,18 +224,9 @@ def test_two_simulated_ranks_gather_the_points_of_one(shard_root):
 
 
 def _rank_main(rank, world, port, shard_dir, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-
-    def all_reduce(t):
-        dist.all_reduce(t)
-        return t
-
-    values = compute(context(Path(shard_dir), 1900, 300, rank=rank, world_size=world, sum_across_ranks=all_reduce))
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(values))
-    dist.barrier()
-    dist.destroy_process_group()
+    with gloo_rank(rank, world, port) as all_reduce:
+        values = compute(context(Path(shard_dir), 1900, 300, rank=rank, world_size=world, sum_across_ranks=all_reduce))
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(values))
 
 
 def test_two_gloo_ranks_give_the_value_of_one(shard_root, tmp_path):

@@ -4,7 +4,6 @@ shards record the std the metric uses."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,6 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gensuite import evaluation
@@ -25,7 +23,7 @@ from gensuite.data.sources import DATASETS, READERS, mixture_modes
 from gensuite.errors import ConfigError, GensuiteError
 from gensuite.evaluation.modes import compute, describe, mode_statistics
 from gensuite.registry import DataSpec, Networks
-from launchers import free_port
+from launchers import free_port, gloo_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 HIGH_QUALITY = 1 - math.exp(-9 / 2)  # P(||N(0, s^2 I_2)|| <= 3 s): the squared radius / s^2 is chi-square(2)
@@ -214,20 +212,11 @@ def test_two_simulated_ranks_add_up_to_one(mixtures):
 
 
 def _rank_main(rank, world, port, shard_dir, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-
-    def all_reduce(t):
-        dist.all_reduce(t)
-        return t
-
-    family = MixtureSampler(data_spec(open_shard_set(shard_dir)), "data")
-    values = compute(context(Path(shard_dir), family, 1900, 300, rank=rank, world_size=world,
-                             sum_across_ranks=all_reduce))
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(scalars(values)))
-    dist.barrier()
-    dist.destroy_process_group()
+    with gloo_rank(rank, world, port) as all_reduce:
+        family = MixtureSampler(data_spec(open_shard_set(shard_dir)), "data")
+        values = compute(context(Path(shard_dir), family, 1900, 300, rank=rank, world_size=world,
+                                 sum_across_ranks=all_reduce))
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(scalars(values)))
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ from gensuite.evaluation import judged
 from gensuite.evaluation.judged import generated, judge, precision_recall
 from gensuite.sampling import load_run
 from gensuite.trainer import train
-from launchers import torchrun_job
+from launchers import digits_job, torchrun_job
 
 
 def knn_precision_recall(fake: np.ndarray, real: np.ndarray, k: int = 3) -> tuple[float, float]:
@@ -81,21 +81,12 @@ def test_matches_the_brute_force_definition_on_random_sets():
     assert 0.0 < precision < 1.0 and 0.0 < recall < 1.0  # the case is not a trivial one
 
 
-def raw_job(shard_root, name, family, steps, eval_cfg=None):
-    return {"name": name, "family": family, "flavor": "debug", "model": {},
-            "data": {"dataset": "digits", "root": str(shard_root), "shuffle_buffer": 256},
-            "optim": {"lr": 3e-3},
-            "train": {"steps": steps, "batch_size": 32, "log_every": steps, "sample_every": steps,
-                      "checkpoint_every": steps},
-            "eval": eval_cfg or {}, "log": {"grid_size": 16, "progress_bar": False}}
-
-
 @pytest.fixture(scope="module")
 def runs(shard_root, tmp_path_factory):
     work = tmp_path_factory.mktemp("prc")
-    train(job_from_dict(raw_job(shard_root, "clf", "classifier", 100)), work / "clf")
-    gan = raw_job(shard_root, "gan", "gan", 4, {"classifier": str(work / "clf"), "n_samples": 130,
-                                                "batch_size": 50, "metrics": ["clf_prc"]})
+    train(job_from_dict(digits_job(shard_root, "clf", "classifier", 100)), work / "clf")
+    gan = digits_job(shard_root, "gan", "gan", 4, eval_cfg={"classifier": str(work / "clf"), "n_samples": 130,
+                                                         "batch_size": 50, "metrics": ["clf_prc"]})
     train(job_from_dict(gan), work / "gan")
     return work, gan
 
