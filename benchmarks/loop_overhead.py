@@ -95,10 +95,10 @@ def segment_round(job, shard_dir: Path, run_dir: Path, suite_first: bool) -> tup
             times.append(time.perf_counter() - began)
         return times[1:]  # the first step warms up
 
-    bare = [] if suite_first else bare_segment()
+    bare = None if suite_first else bare_segment()
     run_suite(job, run_dir, lambda: stamps.append(time.perf_counter()))
     suite = [b - a for a, b in zip(stamps[1:], stamps[2:])]  # from the end of the (warm-up) first step
-    return suite, bare or bare_segment()
+    return suite, bare if bare is not None else bare_segment()
 
 
 def interleaved_round(job, shard_dir: Path, run_dir: Path) -> tuple[list[float], list[float]]:

@@ -371,7 +371,8 @@ class Trainer:
             self.step += 1
             # Log-only diagnostics (gradient norms, a family's monitoring terms) are computed on the steps
             # that log them; a step ended early by the time budget logs without them.
-            self.family.log_step = self.step % job.train.log_every == 0 or self.step == self.total_steps
+            log_due = self.step % job.train.log_every == 0 or self.step == self.total_steps
+            self.family.log_step = log_due
             for player in self.players:
                 for _ in range(player.steps):
                     if player.consumes_data or batches is None:
@@ -387,7 +388,7 @@ class Trainer:
             if self.out_of_time and self.step < self.total_steps:
                 log.info(f"step {self.step}: train.time_budget_min ({job.train.time_budget_min} min) spent after "
                          f"{self.train_seconds:.1f} s of training; ending here")
-            if self.step % job.train.log_every == 0 or last:
+            if log_due or last:
                 with self.rank0_writes():
                     log.scalars(self.step, self._lrs(), self.train_seconds)
             if self.step % job.train.sample_every == 0 or last:
